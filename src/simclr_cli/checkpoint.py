@@ -1,0 +1,157 @@
+"""Training checkpoints and exported encoders, written atomically and loaded safely.
+
+A training checkpoint (`checkpoints/last.pt`) holds plain types and tensors only, so it loads
+with `torch.load(weights_only=True)`; nothing is ever unpickled beyond that. An exported
+model is a `model.safetensors` plus a `config.json` that says how to rebuild the network and
+preprocess images the way training did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from simclr_cli import __version__
+from simclr_cli.errors import CheckpointError
+
+__all__ = [
+    "CHECKPOINT_FORMAT_VERSION",
+    "MODEL_CONFIG_NAME",
+    "MODEL_WEIGHTS_NAME",
+    "atomic_write",
+    "clean_state_dict",
+    "load_checkpoint",
+    "load_exported_model",
+    "save_checkpoint",
+    "save_exported_model",
+]
+
+CHECKPOINT_FORMAT_VERSION = 1
+MODEL_FORMAT = "simclr-cli"
+MODEL_FORMAT_VERSION = 1
+MODEL_WEIGHTS_NAME = "model.safetensors"
+MODEL_CONFIG_NAME = "config.json"
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write through `write(tmp_path)` to a temporary file, fsync, then rename over `path`.
+
+    A process killed at any moment leaves either the old file or the new one, never a mix.
+    On failure (a full disk, say) the temporary file is removed and the old file stays.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp's 0600 would hide results from others
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Make the rename itself durable; not possible on every platform (Windows), hence the guard.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
+    """Atomically save a training state with its format and package versions."""
+    payload = {"format_version": CHECKPOINT_FORMAT_VERSION, "simclr_version": __version__}
+    payload.update(state)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a training checkpoint without unpickling arbitrary objects."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint there")
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for damaged or hostile files
+        first_line = (
+            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        )
+        raise CheckpointError(f"{path}: cannot be loaded safely ({first_line})") from None
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {version!r}")
+    return state
+
+
+def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip the prefixes DDP (`module.`) and torch.compile (`_orig_mod.`) add to keys."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+        cleaned[key] = value
+    return cleaned
+
+
+def save_exported_model(
+    directory: Path, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+) -> None:
+    """Write `model.safetensors` and `config.json` into `directory`, each atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(state_dict).items()}
+    full_config = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION}
+    full_config.update(config)
+    full_config["simclr_version"] = __version__
+    atomic_write(directory / MODEL_WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp)))
+    text = json.dumps(full_config, indent=2) + "\n"
+    atomic_write(directory / MODEL_CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def load_exported_model(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read an exported model folder: (state dict, config)."""
+    weights, config_path = directory / MODEL_WEIGHTS_NAME, directory / MODEL_CONFIG_NAME
+    for required in (weights, config_path):
+        if not required.is_file():
+            raise CheckpointError(
+                f"{directory}: missing {required.name}; expected a run folder or a folder "
+                f"holding {MODEL_WEIGHTS_NAME} and {MODEL_CONFIG_NAME}"
+            )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{config_path}: not a readable JSON config ({error})") from None
+    if not isinstance(config, dict) or config.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{config_path}: not a simclr-cli model config")
+    try:
+        state_dict = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{weights}: damaged safetensors file ({error})") from None
+    return state_dict, config

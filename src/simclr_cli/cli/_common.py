@@ -1,0 +1,47 @@
+"""Pieces every command shares: error handling and the options that mean the same everywhere."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import typer
+
+from simclr_cli.errors import SimclrError
+
+DeviceOption = Annotated[
+    str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
+]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(
+        "--workers", min=0, help="Image-decoding processes (default: spare cores, max 8)."
+    ),
+]
+StrictOption = Annotated[
+    bool,
+    typer.Option("--strict", help="Stop at the first unreadable image instead of skipping it."),
+]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and results.")]
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn engine errors into one line on stderr and exit status 1 (no traceback)."""
+    from simclr_cli.console import error_console
+
+    try:
+        yield
+    except SimclrError as error:
+        error_console().print(f"[bold red]error:[/] {error}", highlight=False)
+        raise typer.Exit(code=1) from None
+    except KeyboardInterrupt:
+        error_console().print("interrupted", highlight=False)
+        raise typer.Exit(code=130) from None
+
+
+def given(**options: Any) -> dict[str, Any]:
+    """Only the options the user set, so config defaults stay the single source of truth."""
+    return {name: value for name, value in options.items() if value is not None}

@@ -1,0 +1,49 @@
+"""The `simclr` command: composes one Typer command per module.
+
+Command modules import torch and the engine inside their functions, so `simclr --help`
+and `simclr --version` stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from simclr_cli import __version__
+from simclr_cli.cli.demo import demo_command
+from simclr_cli.cli.embed import embed_command
+from simclr_cli.cli.pretrain import pretrain_command
+
+app = typer.Typer(
+    name="simclr",
+    help="SimCLR self-supervised learning for a folder of images.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Locals in tracebacks can hold tokens and paths; never show them.
+    pretty_exceptions_show_locals=False,
+)
+app.command("pretrain")(pretrain_command)
+app.command("embed")(embed_command)
+app.command("demo")(demo_command)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"simclr-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """SimCLR self-supervised learning for a folder of images."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

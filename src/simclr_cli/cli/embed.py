@@ -1,0 +1,87 @@
+"""`simclr embed`: one feature vector per image from a frozen, pretrained encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from simclr_cli.cli._common import (
+    DeviceOption,
+    QuietOption,
+    StrictOption,
+    VerboseOption,
+    WorkersOption,
+    user_errors,
+)
+
+
+def embed_command(
+    data: Annotated[
+        Path, typer.Argument(help="Folder of images (scanned recursively).", show_default=False)
+    ],
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Run folder, or a folder with model.safetensors + config.json.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Output .npy; a .manifest.csv and a .json are written beside it."
+        ),
+    ] = Path("embeddings.npy"),
+    projection: Annotated[
+        bool,
+        typer.Option(
+            "--projection",
+            help="Write the projection head's output instead of the encoder features.",
+        ),
+    ] = False,
+    normalize: Annotated[
+        bool,
+        typer.Option(
+            "--normalize", help="L2-normalise every row (cosine similarity becomes a dot product)."
+        ),
+    ] = False,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")
+    ] = 256,
+    device: DeviceOption = "auto",
+    precision: Annotated[
+        str, typer.Option(help="fp32, bf16 or fp16 (auto: as for training).")
+    ] = "fp32",
+    workers: WorkersOption = None,
+    strict: StrictOption = False,
+    verbose: VerboseOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Embed every image in a folder; rows follow the manifest, in the folder's sorted order."""
+    from simclr_cli.console import make_reporter, output_console, setup_logging
+    from simclr_cli.engine.embed import EmbedOptions, embed_folder
+
+    setup_logging(verbose=verbose, quiet=quiet)
+    options = EmbedOptions(
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        num_workers=workers,
+        projection=projection,
+        l2_normalize=normalize,
+        strict=strict,
+    )
+    with user_errors():
+        result = embed_folder(
+            data, model, out, options=options, reporter=make_reporter(quiet=quiet)
+        )
+    output_console().print(
+        f"wrote {result.rows} x {result.dim} float32 rows to {result.array_path} "
+        f"({len(result.skipped)} skipped) in {result.seconds:.1f} s; "
+        f"rows map to files in {result.manifest_path}",
+        highlight=False,
+    )

@@ -1,0 +1,1 @@
+"""Image folders, decoding and the SimCLR augmentation pipeline."""

@@ -1,0 +1,341 @@
+"""Finding image files in a folder tree and decoding them to 8-bit RGB.
+
+`scan_images` lists the training set, `decode_image` turns one file of any common format and
+mode into an RGB image with its EXIF orientation applied, and `load_canvas` fits that image
+into the fixed square canvas the batch loader stacks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import os
+import unicodedata
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
+
+from simclr_cli.errors import DataError, ImageDecodeError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "RUN_MARKER",
+    "decode_image",
+    "load_canvas",
+    "scan_images",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+
+RUN_MARKER = ".simclr-run"
+
+# Pillow's default `Image.MAX_IMAGE_PIXELS` (written out so that another module changing the
+# global cannot move our limit), doubled: the size at which Pillow itself refuses to open.
+DEFAULT_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
+
+# Hidden names (leading dot) are skipped separately; these are the other litter that archive
+# tools and file browsers leave in image folders.
+_SKIPPED_NAMES = frozenset({"__macosx", "thumbs.db", "desktop.ini"})
+
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa"})
+
+# Modes whose `transparency` info Pillow can turn into an alpha band.
+_KEYED_TRANSPARENCY_MODES = frozenset({"P", "L", "RGB"})
+
+_WHITE = (255, 255, 255, 255)
+
+
+def scan_images(root: str | Path, *, exclude: Iterable[str | Path] = ()) -> list[Path]:
+    """All image files under root, recursively, in a deterministic order.
+
+    Hidden files and folders, `__MACOSX`, `Thumbs.db`, folders holding `RUN_MARKER` (our own
+    output) and everything under a path in `exclude` are skipped. Symlinked folders are
+    followed once each, so link loops end; a file reached through several links is listed
+    once, under the path that sorts first. Unreadable folders are skipped with a warning.
+
+    Args:
+        root: Folder to scan.
+        exclude: Files or folders to leave out, compared after resolving symlinks.
+
+    Returns:
+        Paths joined onto the absolute root (symlinks not resolved), sorted by their path
+        relative to root as a POSIX string, so the order is the same on every filesystem.
+
+    Raises:
+        DataError: If root is missing, is not a folder, or is one of our output folders.
+    """
+    root_path = Path(root).absolute()
+    _check_root(root_path)
+    excluded = {os.path.realpath(path) for path in exclude}
+
+    # Folders are walked in the order of their relative path, so a folder reachable under
+    # several names through links is walked once, under the name that sorts first.
+    pending: list[tuple[str, str]] = [("", str(root_path))]
+    visited: set[str] = set()
+    found: list[tuple[str, str, str]] = []  # (sort key, path, resolved path)
+    while pending:
+        prefix, folder = heapq.heappop(pending)
+        real_folder = os.path.realpath(folder)
+        if real_folder in visited or real_folder in excluded:
+            continue
+        visited.add(real_folder)
+        listing = _list_folder(folder, real_folder)
+        if listing is None:
+            continue
+        subfolders, files = listing
+        for name in subfolders:
+            heapq.heappush(pending, (f"{prefix}{_sort_key(name)}/", os.path.join(folder, name)))
+        found.extend(
+            (prefix + _sort_key(name), os.path.join(folder, name), real) for name, real in files
+        )
+    return _unique_files(found, excluded)
+
+
+def _check_root(root: Path) -> None:
+    if not root.exists():
+        raise DataError(f"{root}: no such folder; check the path to the image folder")
+    if not root.is_dir():
+        raise DataError(f"{root}: is a file, but a folder of images is expected")
+    if (root / RUN_MARKER).is_file():
+        raise DataError(
+            f"{root}: this is an output folder of simclr (it holds {RUN_MARKER}); "
+            "point at the folder of training images instead"
+        )
+
+
+def _list_folder(folder: str, real_folder: str) -> tuple[list[str], list[tuple[str, str]]] | None:
+    """Subfolder names and (image name, resolved path) pairs; None to skip the whole folder."""
+    subfolders: list[str] = []
+    files: list[tuple[str, str]] = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name == RUN_MARKER and entry.is_file():
+                    return None
+                if entry.name.startswith(".") or entry.name.lower() in _SKIPPED_NAMES:
+                    continue
+                if entry.is_dir():
+                    subfolders.append(entry.name)
+                elif entry.is_file() and _has_image_extension(entry.name):
+                    # Resolving every file would cost syscalls per path component; only a
+                    # link can point outside the folder's own resolved location.
+                    real = (
+                        os.path.realpath(entry.path)
+                        if entry.is_symlink()
+                        else os.path.join(real_folder, entry.name)
+                    )
+                    files.append((entry.name, real))
+    except OSError as exc:
+        logger.warning("skipping folder %s: %s", folder, exc.strerror or exc)
+        return None
+    return subfolders, files
+
+
+def _has_image_extension(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _sort_key(name: str) -> str:
+    # macOS filesystems may hand back decomposed (NFD) names; normalising keeps the order
+    # identical to Linux for the same names.
+    return unicodedata.normalize("NFC", name)
+
+
+def _unique_files(found: list[tuple[str, str, str]], excluded: set[str]) -> list[Path]:
+    seen: set[str] = set()
+    unique: list[Path] = []
+    for _key, path, real in sorted(found):
+        if real in seen or real in excluded:
+            continue
+        seen.add(real)
+        unique.append(Path(path))
+    return unique
+
+
+def decode_image(
+    path: str | Path,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+) -> Image.Image:
+    """Open, apply EXIF orientation, return an 8-bit RGB image; raise ImageDecodeError on failure.
+
+    Transparent pixels are composited over white, CMYK is converted to RGB, and 16/32-bit
+    grayscale is stretched from its own min..max to 0..255. Multi-frame files give their first
+    frame.
+
+    Args:
+        path: Image file.
+        max_pixels: Refuse images with more pixels than this (read from the header, before
+            decoding); None lifts our limit for this call. Limitation: Pillow's own check
+            (twice `Image.MAX_IMAGE_PIXELS`, i.e. `DEFAULT_MAX_PIXELS` unless someone changed
+            that global) still refuses larger images, so a higher `max_pixels` cannot admit
+            them; we leave the process-wide global alone.
+        draft_size: If set, a JPEG may be decoded at a reduced scale (1/2, 1/4 or 1/8) as long
+            as its longer side stays at least this many pixels. Much faster for large photos.
+
+    Raises:
+        ImageDecodeError: The file is missing, unreadable, not an image, truncated, corrupt or
+            larger than `max_pixels`; the reason is one line.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Our own `max_pixels` check replaces Pillow's warning, which would otherwise
+            # repeat for every large photo in a folder.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                _check_pixels(path, img.size, max_pixels)
+                if draft_size is not None:
+                    _request_draft(img, draft_size)
+                img.load()
+                # Read before orientation: the turned copy no longer knows its file format.
+                plain_cmyk = img.format == "JPEG" and "adobe" not in img.info
+                rgb = _to_rgb(_apply_orientation(img, path), plain_cmyk=plain_cmyk)
+                # Closing the file must not invalidate the image we hand back.
+                return rgb if rgb is not img else img.copy()
+    except ImageDecodeError:
+        raise
+    except Exception as exc:
+        raise ImageDecodeError(path, _describe_failure(path, exc)) from exc
+
+
+def _check_pixels(path: str | Path, size: tuple[int, int], max_pixels: int | None) -> None:
+    pixels = size[0] * size[1]
+    if max_pixels is not None and pixels > max_pixels:
+        raise ImageDecodeError(
+            path,
+            f"image of {pixels} pixels exceeds the limit of {max_pixels}; "
+            "raise it with --max-pixels",
+        )
+
+
+def _request_draft(img: Image.Image, draft_size: int) -> None:
+    width, height = img.size
+    longer = max(width, height)
+    if img.format != "JPEG" or longer <= draft_size:
+        return
+    # Pillow picks the largest scale that keeps both sides at or above the requested box; a
+    # box with the image's own aspect ratio makes the longer side the one that decides.
+    box = (
+        max(1, math.ceil(width * draft_size / longer)),
+        max(1, math.ceil(height * draft_size / longer)),
+    )
+    img.draft("RGB", box)
+
+
+def _apply_orientation(img: Image.Image, path: str | Path) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception as exc:
+        # A damaged EXIF block says nothing reliable about orientation; the pixels are fine.
+        logger.debug("ignoring unreadable EXIF in %s: %s", path, exc)
+        return img
+
+
+def _to_rgb(img: Image.Image, *, plain_cmyk: bool = False) -> Image.Image:
+    mode = img.mode
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        return _stretch_to_grey(img).convert("RGB")
+    if mode == "CMYK" and plain_cmyk:
+        # Pillow reads every CMYK JPEG as Adobe-style inverted ink; a JPEG without the Adobe
+        # marker stores plain ink (as browsers assume), so undo Pillow's inversion.
+        img = ImageChops.invert(img)
+    has_keyed_transparency = "transparency" in img.info and mode in _KEYED_TRANSPARENCY_MODES
+    palette_has_alpha = mode == "P" and img.palette is not None and img.palette.mode == "RGBA"
+    if mode in _ALPHA_MODES or has_keyed_transparency or palette_has_alpha:
+        # White, not black: transparent regions of logos and scans are meant as paper.
+        background = Image.new("RGBA", img.size, _WHITE)
+        return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
+
+def _stretch_to_grey(img: Image.Image) -> Image.Image:
+    """Map the image's own min..max to 0..255; clipping would turn dark 16-bit scans white."""
+    # float32 is exact for 16-bit values and far finer than 8-bit output for 32-bit ones.
+    values = np.asarray(img, dtype=np.float32)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return Image.new("L", img.size, 0)
+    low = float(values[finite].min())
+    high = float(values[finite].max())
+    # A constant image has no range to stretch; it keeps its value, clipped to 0..255.
+    scaled = (values - low) * (255.0 / (high - low)) if high > low else values
+    scaled = np.where(finite, scaled, 0.0)
+    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey)
+
+
+def _describe_failure(path: str | Path, exc: Exception) -> str:
+    detail = " ".join(str(exc).split())[:160]
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"too large for Pillow, which --max-pixels cannot lift ({detail})"
+    if isinstance(exc, UnidentifiedImageError):
+        return "empty file" if _is_empty(path) else "not an image, or a format Pillow cannot read"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, IsADirectoryError):
+        return "is a folder, not an image file"
+    if isinstance(exc, (OSError, SyntaxError, EOFError)):
+        return f"truncated or corrupt image ({detail})" if detail else "truncated or corrupt image"
+    return f"cannot decode ({type(exc).__name__}: {detail})"
+
+
+def _is_empty(path: str | Path) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:
+        return False
+
+
+def load_canvas(
+    path: str | Path, size: int, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[npt.NDArray[np.uint8], tuple[int, int]]:
+    """Decode an image and fit it, aspect kept, into the top-left of a zeroed square canvas.
+
+    Args:
+        path: Image file.
+        size: Canvas side; the image's longer side is resized to exactly this.
+        max_pixels: As for `decode_image`.
+
+    Returns:
+        The (3, size, size) uint8 canvas and the (height, width) of its valid region, each
+        at least 1.
+
+    Raises:
+        ValueError: If size is below 1.
+        ImageDecodeError: As for `decode_image`.
+    """
+    if size < 1:
+        raise ValueError(f"canvas size must be at least 1, got {size}")
+    img = decode_image(path, max_pixels=max_pixels, draft_size=size)
+
+    width, height = img.size
+    longer = max(width, height)
+    if width >= height:
+        new_size = (size, max(1, min(size, round(height * size / longer))))
+    else:
+        new_size = (max(1, min(size, round(width * size / longer))), size)
+    if new_size != img.size:
+        if longer > size:
+            # reducing_gap lets Pillow shrink by whole factors first: near-identical output,
+            # several times faster on large photos.
+            img = img.resize(new_size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+        else:
+            img = img.resize(new_size, Image.Resampling.BICUBIC)
+
+    canvas = np.zeros((3, size, size), dtype=np.uint8)
+    new_width, new_height = new_size
+    canvas[:, :new_height, :new_width] = np.asarray(img).transpose(2, 0, 1)  # (3, h, w)
+    return canvas, (new_height, new_width)

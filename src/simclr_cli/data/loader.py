@@ -1,0 +1,193 @@
+"""Decoded image batches for training and embedding.
+
+Decoding (and the one resize into a fixed canvas) is the only per-image CPU work; it runs in
+DataLoader workers. When every decoded canvas fits in `cache_limit_bytes` they are decoded
+once and kept in RAM, so later epochs only index a tensor; larger folders stream from disk
+every epoch. Files that cannot be decoded are skipped, named once in the log and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from simclr_cli.data.images import load_canvas
+from simclr_cli.errors import DataError, ImageDecodeError
+
+__all__ = ["CanvasBatch", "ImageBatches", "SkipLog", "batches_per_epoch", "default_num_workers"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SkipLog:
+    """Files skipped because they could not be decoded; each is logged once."""
+
+    strict: bool = False
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def record(self, path: str, reason: str) -> None:
+        """Note a bad file; in strict mode stop instead."""
+        if self.strict:
+            raise DataError(f"{path}: {reason} (--strict turns skipped images into errors)")
+        if path not in self.skipped:
+            self.skipped[path] = reason
+            logger.warning("skipping %s: %s", path, reason)
+
+    @property
+    def count(self) -> int:
+        """How many distinct files were skipped."""
+        return len(self.skipped)
+
+
+@dataclass
+class CanvasBatch:
+    """Decoded images: dataset indices (B,), uint8 canvases (B, 3, C, C), valid sizes (B, 2)."""
+
+    indices: torch.Tensor
+    canvases: torch.Tensor
+    sizes: torch.Tensor
+
+
+def default_num_workers() -> int:
+    """One worker per spare core, at most 8; none on a single-core machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(8, (cores or 1) - 1))
+
+
+def batches_per_epoch(num_images: int, batch_size: int) -> int:
+    """Full batches plus a short last one, unless it would hold a single image (no negative)."""
+    full, remainder = divmod(num_images, batch_size)
+    return full + (1 if remainder >= 2 else 0)
+
+
+class _CanvasDataset(Dataset[tuple[int, np.ndarray | None, tuple[int, int], str]]):
+    def __init__(self, paths: Sequence[Path], canvas_size: int, max_pixels: int | None) -> None:
+        self.paths = paths
+        self.canvas_size = canvas_size
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, tuple[int, int], str]:
+        try:
+            canvas, size = load_canvas(
+                self.paths[index], self.canvas_size, max_pixels=self.max_pixels
+            )
+        except ImageDecodeError as error:
+            return index, None, (0, 0), error.reason
+        return index, canvas, size, ""
+
+
+def _collate(
+    items: list[tuple[int, np.ndarray | None, tuple[int, int], str]],
+) -> tuple[CanvasBatch, list[tuple[int, str]]]:
+    good = [item for item in items if item[1] is not None]
+    failures = [(item[0], item[3]) for item in items if item[1] is None]
+    if not good:
+        empty = CanvasBatch(
+            torch.zeros(0, dtype=torch.long),
+            torch.zeros(0, 3, 1, 1, dtype=torch.uint8),
+            torch.zeros(0, 2, dtype=torch.long),
+        )
+        return empty, failures
+    batch = CanvasBatch(
+        indices=torch.tensor([item[0] for item in good]),
+        canvases=torch.from_numpy(np.stack([item[1] for item in good])),  # type: ignore[misc]
+        sizes=torch.tensor([item[2] for item in good]),
+    )
+    return batch, failures
+
+
+class ImageBatches:
+    """Batches of decoded canvases over a fixed list of image files."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        *,
+        canvas_size: int,
+        num_workers: int,
+        skip_log: SkipLog,
+        max_pixels: int | None = None,
+    ) -> None:
+        """Prepare to decode `paths`; nothing is read until `cache` or `iterate`."""
+        self.paths = list(paths)
+        self.canvas_size = canvas_size
+        self.num_workers = num_workers
+        self.skip_log = skip_log
+        self._dataset = _CanvasDataset(self.paths, canvas_size, max_pixels)
+        self._cache: CanvasBatch | None = None
+
+    def canvas_bytes(self) -> int:
+        """Memory the decoded canvases of every file would take."""
+        return len(self.paths) * 3 * self.canvas_size**2
+
+    def cache(self, batch_size: int = 64) -> None:
+        """Decode every image once and keep the canvases in RAM; bad files are dropped."""
+        parts = list(self._load(list(range(len(self.paths))), batch_size=batch_size))
+        indices = (
+            torch.cat([p.indices for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
+        )
+        if len(indices) == 0:
+            self._cache = CanvasBatch(
+                indices,
+                torch.zeros(0, 3, self.canvas_size, self.canvas_size, dtype=torch.uint8),
+                torch.zeros(0, 2, dtype=torch.long),
+            )
+            return
+        self._cache = CanvasBatch(
+            indices, torch.cat([p.canvases for p in parts]), torch.cat([p.sizes for p in parts])
+        )
+
+    @property
+    def readable_indices(self) -> torch.Tensor:
+        """Indices into `paths` of the images that decoded (all of them before caching)."""
+        if self._cache is not None:
+            return self._cache.indices
+        return torch.arange(len(self.paths))
+
+    def iterate(self, order: Sequence[int], *, batch_size: int) -> Iterator[CanvasBatch]:
+        """Batches of the images at positions `order` of `readable_indices`, in that order."""
+        if self._cache is not None:
+            cache = self._cache
+            for start in range(0, len(order), batch_size):
+                rows = torch.as_tensor(list(order[start : start + batch_size]), dtype=torch.long)
+                yield CanvasBatch(cache.indices[rows], cache.canvases[rows], cache.sizes[rows])
+            return
+        indices = self.readable_indices
+        yield from self._load([int(indices[i]) for i in order], batch_size=batch_size)
+
+    def _load(self, file_indices: list[int], *, batch_size: int) -> Iterator[CanvasBatch]:
+        batches = [
+            file_indices[i : i + batch_size] for i in range(0, len(file_indices), batch_size)
+        ]
+        loader = DataLoader(
+            self._dataset,
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            collate_fn=_collate,
+            persistent_workers=False,
+        )
+        try:
+            for batch, failures in loader:
+                for index, reason in failures:
+                    self.skip_log.record(str(self.paths[index]), reason)
+                if len(batch.indices):
+                    yield batch
+        except RuntimeError as error:
+            if "DataLoader worker" in str(error) or "shared memory" in str(error).lower():
+                raise DataError(
+                    f"an image-decoding worker failed ({str(error).splitlines()[0]}); "
+                    "retry with --workers 0, or give the container more shared memory "
+                    "(docker run --shm-size=2g)"
+                ) from None
+            raise

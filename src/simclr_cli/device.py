@@ -1,0 +1,94 @@
+"""Device and precision, resolved in one place.
+
+`auto` prefers CUDA, then Apple MPS, then the CPU. Mixed precision runs through autocast;
+on the CPU autocast is used only when bf16 is asked for explicitly, and GradScaler only for
+fp16, the one format whose small range needs loss scaling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from simclr_cli.errors import DeviceError
+
+__all__ = ["Precision", "autocast", "resolve_device", "resolve_precision"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Turn `auto|cpu|cuda|cuda:N|mps` into an available torch device."""
+    name = name.strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("CUDA was requested but no CUDA GPU is visible; use --device cpu")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise DeviceError(f"{name} requested but only {count} CUDA device(s) are visible")
+        return torch.device("cuda", index)
+    if device.type == "mps" and not _mps_available():
+        raise DeviceError("MPS was requested but is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The compute dtype of a run and whether it needs loss scaling."""
+
+    name: str
+    dtype: torch.dtype
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        """Only fp16 underflows without loss scaling."""
+        return self.dtype == torch.float16
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """Pick fp32/bf16/fp16; `auto` is bf16 (or fp16) on CUDA and fp32 on MPS and CPU."""
+    name = name.strip().lower()
+    if name == "auto":
+        if device.type == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            name = "fp32"
+    if name not in _DTYPES:
+        raise DeviceError(f"unknown precision {name!r}; use auto, fp32, bf16 or fp16")
+    if name == "fp16" and device.type == "cpu":
+        raise DeviceError("fp16 is not supported on the CPU; use --precision bf16 or fp32")
+    return Precision(name=name, dtype=_DTYPES[name])
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: Precision) -> Iterator[None]:
+    """Autocast to the run's dtype; a no-op for fp32."""
+    if precision.dtype == torch.float32:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=precision.dtype):
+        yield

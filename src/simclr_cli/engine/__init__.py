@@ -1,0 +1,1 @@
+"""Training and evaluation loops; usable from Python without the command line."""

@@ -1,0 +1,263 @@
+"""Frozen-encoder features for a folder of images, written as a `.npy` plus a manifest.
+
+The manifest (`<name>.manifest.csv`, beside the array) has one line per image file found:
+its row in the array, or an empty row and the reason it was skipped. `<name>.json` records
+the model, the feature kind and the counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from simclr_cli.data.augment import center_view
+from simclr_cli.data.images import scan_images
+from simclr_cli.data.loader import ImageBatches, SkipLog, default_num_workers
+from simclr_cli.device import Precision, autocast, resolve_device, resolve_precision
+from simclr_cli.engine.progress import NullReporter, Reporter
+from simclr_cli.errors import ConfigError, DataError
+from simclr_cli.models.export import LoadedModel, load_model
+
+__all__ = ["EmbedOptions", "EmbedResult", "embed_folder", "encode", "iter_encoded"]
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """Where the vectors went and how many images they cover."""
+
+    array_path: Path
+    manifest_path: Path
+    rows: int
+    dim: int
+    skipped: dict[str, str]
+    seconds: float
+
+
+@torch.no_grad()
+def iter_encoded(
+    model: LoadedModel,
+    data: ImageBatches,
+    *,
+    device: torch.device,
+    precision: Precision,
+    batch_size: int = 256,
+    projection: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per batch: (float32 rows (b, D) on the CPU, indices of their files in `data.paths`)."""
+    if projection and model.projection_head is None:
+        raise ConfigError("this model has no projection head; embed its features instead")
+    preprocessing = model.config["preprocessing"]
+    mean = torch.tensor(preprocessing["mean"], device=device)[None, :, None, None]
+    std = torch.tensor(preprocessing["std"], device=device)[None, :, None, None]
+    backbone = model.backbone.to(device).eval()
+    head = model.projection_head.to(device).eval() if projection and model.projection_head else None
+    total = len(data.readable_indices)
+    for batch in data.iterate(range(total), batch_size=batch_size):
+        images = center_view(batch.canvases.to(device), batch.sizes, size=model.image_size)
+        images = ((images - mean) / std).contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            out = backbone(images)  # (b, feature_dim)
+            if head is not None:
+                out = head(out)  # (b, projection_dim)
+        yield out.float().cpu(), batch.indices
+
+
+def encode(
+    model: LoadedModel,
+    data: ImageBatches,
+    *,
+    device: torch.device,
+    precision: Precision,
+    batch_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder features of every readable image, (N, D), and the indices of their files."""
+    parts = list(
+        iter_encoded(model, data, device=device, precision=precision, batch_size=batch_size)
+    )
+    if not parts:
+        return torch.zeros(0, model.backbone.feature_dim), torch.zeros(0, dtype=torch.long)
+    return torch.cat([rows for rows, _ in parts]), torch.cat([index for _, index in parts])
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How `embed_folder` runs and what it writes."""
+
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 256
+    num_workers: int | None = None
+    projection: bool = False
+    l2_normalize: bool = False
+    strict: bool = False
+
+
+def embed_folder(
+    data_dir: Path,
+    model_path: Path,
+    out_path: Path,
+    *,
+    options: EmbedOptions | None = None,
+    reporter: Reporter | None = None,
+) -> EmbedResult:
+    """Embed every image under `data_dir` with the model at `model_path` into `out_path`."""
+    options = options or EmbedOptions()
+    reporter = reporter or NullReporter()
+    started = time.monotonic()
+    if out_path.suffix != ".npy":
+        raise ConfigError(f"{out_path}: the output must be a .npy file")
+    device = resolve_device(options.device)
+    precision = resolve_precision(options.precision, device)
+    model = load_model(model_path)
+    paths = scan_images(
+        data_dir, exclude=[out_path.parent] if _inside(out_path.parent, data_dir) else []
+    )
+    if not paths:
+        raise DataError(f"{data_dir}: no images found (looked for common image extensions)")
+    skip_log = SkipLog(strict=options.strict)
+    workers = options.num_workers if options.num_workers is not None else default_num_workers()
+    data = ImageBatches(
+        paths,
+        canvas_size=int(model.config["preprocessing"]["decode_size"]),
+        num_workers=workers,
+        skip_log=skip_log,
+    )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    rows_written, dim = _write_rows(
+        model,
+        data,
+        out_path,
+        options=options,
+        device=device,
+        precision=precision,
+        reporter=reporter,
+    )
+    manifest = _write_manifest(out_path, paths, rows_written, skip_log)
+    _write_meta(
+        out_path,
+        model_path=model_path,
+        data_dir=data_dir,
+        options=options,
+        rows=len(rows_written),
+        dim=dim,
+        skipped=skip_log.count,
+    )
+    return EmbedResult(
+        out_path,
+        manifest,
+        len(rows_written),
+        dim,
+        dict(skip_log.skipped),
+        time.monotonic() - started,
+    )
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _write_rows(
+    model: LoadedModel,
+    data: ImageBatches,
+    out_path: Path,
+    *,
+    options: EmbedOptions,
+    device: torch.device,
+    precision: Precision,
+    reporter: Reporter,
+) -> tuple[list[int], int]:
+    """Stream rows into a memory-mapped .npy; returns the file index of each row and the width."""
+    dim = model.backbone.feature_dim
+    if options.projection and model.projection_head is not None:
+        dim = int(model.config["projection"]["dim"])
+    tmp = out_path.with_name(f".{out_path.name}.partial.npy")
+    array = np.lib.format.open_memmap(
+        tmp, mode="w+", dtype=np.float32, shape=(len(data.paths), dim)
+    )
+    file_indices: list[int] = []
+    reporter.start(task="embed", total=len(data.paths), unit="image")
+    for rows, indices in iter_encoded(
+        model,
+        data,
+        device=device,
+        precision=precision,
+        batch_size=options.batch_size,
+        projection=options.projection,
+    ):
+        if options.l2_normalize:
+            rows = F.normalize(rows, dim=1)
+        array[len(file_indices) : len(file_indices) + len(rows)] = rows.numpy()
+        file_indices.extend(indices.tolist())
+        reporter.advance(completed=len(file_indices) + data.skip_log.count, metrics={})
+    reporter.stop()
+    array.flush()
+    count = len(file_indices)
+    if count == 0:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"none of the {len(data.paths)} image files could be read")
+    if count < len(data.paths):
+        # Skipped files left unused rows at the end; copy the used ones into an exact-size file.
+        exact = out_path.with_name(f".{out_path.name}.exact.npy")
+        final = np.lib.format.open_memmap(exact, mode="w+", dtype=np.float32, shape=(count, dim))
+        for start in range(0, count, 65536):
+            stop = min(start + 65536, count)
+            final[start:stop] = array[start:stop]
+        final.flush()
+        del final
+        tmp.unlink()
+        tmp = exact
+    del array
+    tmp.replace(out_path)
+    return file_indices, dim
+
+
+def _write_manifest(
+    out_path: Path, paths: Sequence[Path], file_indices: list[int], skip_log: SkipLog
+) -> Path:
+    """CSV with one line per image file: row (empty when skipped), path, skip reason."""
+    manifest = out_path.with_suffix(".manifest.csv")
+    row_of = {index: row for row, index in enumerate(file_indices)}
+    with manifest.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["row", "path", "skipped_reason"])
+        for index, path in enumerate(paths):
+            row = row_of.get(index)
+            reason = "" if row is not None else skip_log.skipped.get(str(path), "not read")
+            writer.writerow(["" if row is None else row, str(path), reason])
+    return manifest
+
+
+def _write_meta(
+    out_path: Path,
+    *,
+    model_path: Path,
+    data_dir: Path,
+    options: EmbedOptions,
+    rows: int,
+    dim: int,
+    skipped: int,
+) -> None:
+    meta = {
+        "array": out_path.name,
+        "manifest": out_path.with_suffix(".manifest.csv").name,
+        "model": str(model_path),
+        "data_dir": str(data_dir),
+        "output": "projection" if options.projection else "features",
+        "l2_normalized": options.l2_normalize,
+        "rows": rows,
+        "dim": dim,
+        "skipped": skipped,
+    }
+    out_path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,512 @@
+"""SimCLR pretraining on a folder of images.
+
+Phases: device, run folder, data, model and optimiser, resume, loop, export. All randomness
+comes from named streams of the run seed (`simclr_cli.seeding`): model init, each epoch's
+order and each step's augmentations. A run resumed from any checkpoint therefore replays the
+same batches, views, learning rates and losses as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from simclr_cli import __version__
+from simclr_cli.checkpoint import load_checkpoint, save_checkpoint, save_exported_model
+from simclr_cli.config import RunConfig, TrainConfig, decode_size, resolved_lr, warmup_steps
+from simclr_cli.data.augment import make_views
+from simclr_cli.data.images import RUN_MARKER, scan_images
+from simclr_cli.data.loader import ImageBatches, SkipLog, batches_per_epoch, default_num_workers
+from simclr_cli.device import Precision, autocast, resolve_device, resolve_precision
+from simclr_cli.engine.metrics import MetricsLog, plot_loss_curve
+from simclr_cli.engine.progress import NullReporter, Reporter
+from simclr_cli.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from simclr_cli.loss import nt_xent_loss
+from simclr_cli.models.export import (
+    CHECKPOINT_RELATIVE_PATH,
+    RUN_CONFIG_NAME,
+    LoadedModel,
+    export_config,
+)
+from simclr_cli.models.simclr import SimCLRModel, build_model
+from simclr_cli.optim import build_optimizer, learning_rate_at
+from simclr_cli.seeding import derive_seed, generator_for
+
+__all__ = ["PretrainResult", "initial_model", "pretrain", "resume_config"]
+
+logger = logging.getLogger(__name__)
+
+# Settings a resumed run may change: they alter neither the model nor the batches it sees.
+RESUMABLE_FIELDS = frozenset(
+    {
+        "epochs",
+        "device",
+        "num_workers",
+        "cache_limit_gb",
+        "checkpoint_minutes",
+        "log_every_steps",
+        "strict",
+        "out_dir",
+    }
+)
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    """What a finished (or interrupted) run produced."""
+
+    run_dir: Path
+    step: int
+    epochs_completed: int
+    final_loss: float
+    num_images: int
+    skipped: dict[str, str]
+    interrupted: bool
+    seconds: float
+
+
+@dataclass
+class _Loop:
+    """Mutable training state; everything a checkpoint must restore."""
+
+    model: SimCLRModel
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    last_loss: float = math.nan
+    images_per_s: float = 0.0
+    interrupted: bool = False
+    epoch_losses: list[float] = field(default_factory=list)
+
+
+def resume_config(
+    run_dir: Path,
+    *,
+    data: Path | None = None,
+    changed: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> RunConfig:
+    """The saved config of a run, with only the safe settings changed.
+
+    Args:
+        run_dir: The run folder to continue.
+        data: The image folder, if the user named it; it must be the run's own.
+        changed: Augmentation, model or optimiser settings the user asked for; any is refused.
+        **overrides: Train settings; only those in `RESUMABLE_FIELDS` may differ.
+    """
+    path = run_dir / RUN_CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: not a run folder (no {RUN_CONFIG_NAME})")
+    saved = RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    refused = sorted(set(changed or {}) | (set(overrides) - RESUMABLE_FIELDS))
+    if refused:
+        raise ConfigError(
+            f"cannot change {', '.join(refused)} when resuming: that would silently change the "
+            "run; start a new run instead (resume may change "
+            f"{', '.join(sorted(RESUMABLE_FIELDS))})"
+        )
+    if data is not None and Path(data).resolve() != Path(saved.train.data_dir).resolve():
+        raise ConfigError(
+            f"this run trains on {saved.train.data_dir}, not {data}; omit the folder when resuming"
+        )
+    train = replace(saved.train, out_dir=str(run_dir), **overrides)
+    return replace(saved, train=train)
+
+
+def pretrain(
+    config: RunConfig, *, reporter: Reporter | None = None, resume: bool = False
+) -> PretrainResult:
+    """Train (or resume) a run and export its encoder; see the module docstring."""
+    reporter = reporter or NullReporter()
+    started = time.monotonic()
+    device = resolve_device(config.train.device)
+    precision = resolve_precision(config.train.precision, device)
+    run_dir = Path(config.train.out_dir)
+    paths = _scan(config.train, run_dir)
+    run_dir = _prepare_run_dir(config, resume=resume)
+    reporter.message(_banner(config, device=device, precision=precision, run_dir=run_dir))
+    skip_log = SkipLog(strict=config.train.strict)
+    data = _prepare_data(
+        config.train,
+        paths,
+        canvas_size=decode_size(config.augment),
+        skip_log=skip_log,
+        reporter=reporter,
+    )
+    num_images = len(data.readable_indices)
+    loop = _build_loop(config, device, precision)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    if resume:
+        _restore(loop, config, run_dir, metrics, reporter)
+
+    with _stop_on_signal(loop):
+        _train(
+            loop,
+            config,
+            data,
+            device=device,
+            precision=precision,
+            run_dir=run_dir,
+            metrics=metrics,
+            reporter=reporter,
+        )
+
+    plot_loss_curve(metrics.read(), run_dir / "loss.png")
+    if not loop.interrupted:
+        training = {
+            "epochs": config.train.epochs,
+            "steps": loop.step,
+            "images": num_images,
+            "final_loss": loop.last_loss,
+            "batch_size": config.train.global_batch_size,
+            "temperature": config.train.temperature,
+            "dataset": config.train.data_dir,
+        }
+        save_exported_model(run_dir, loop.model.state_dict(), export_config(config, training))
+    return PretrainResult(
+        run_dir=run_dir,
+        step=loop.step,
+        epochs_completed=loop.epoch,
+        final_loss=loop.last_loss,
+        num_images=num_images,
+        skipped=dict(skip_log.skipped),
+        interrupted=loop.interrupted,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _prepare_run_dir(config: RunConfig, *, resume: bool) -> Path:
+    """Create the run folder, check it is writable, and save (or check) the config."""
+    run_dir = Path(config.train.out_dir)
+    config_path = run_dir / RUN_CONFIG_NAME
+    if not resume and config_path.exists():
+        raise ConfigError(
+            f"{run_dir} already holds a run; resume it with --resume {run_dir} "
+            "or pick another --out"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_MARKER).write_text("simclr-cli run folder; not scanned as input\n")
+        if not resume:
+            config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot write to the run folder {run_dir}: {error.strerror}") from None
+    return run_dir
+
+
+def _scan(train: TrainConfig, run_dir: Path) -> list[Path]:
+    """Image files of the run, checked before anything is written."""
+    if not train.out_dir:
+        raise ConfigError("no output folder given for the run")
+    paths = scan_images(train.data_dir, exclude=[run_dir])
+    if not paths:
+        raise DataError(f"{train.data_dir}: no images found (looked for common image extensions)")
+    return paths
+
+
+def _banner(config: RunConfig, *, device: torch.device, precision: Precision, run_dir: Path) -> str:
+    """The line a run opens with: versions, device and the settings that matter most."""
+    train, augment = config.train, config.augment
+    lr = resolved_lr(config.optim, train.global_batch_size)
+    return (
+        f"simclr {__version__} (torch {torch.__version__}) | device {device} | "
+        f"precision {precision.name} | {config.model.arch} at {augment.image_size} px | "
+        f"batch {train.global_batch_size} | {train.epochs} epochs | {config.optim.optimizer} "
+        f"lr {lr:.4g} | temperature {train.temperature} | run {run_dir}"
+    )
+
+
+def _prepare_data(
+    train: TrainConfig,
+    paths: list[Path],
+    *,
+    canvas_size: int,
+    skip_log: SkipLog,
+    reporter: Reporter,
+) -> ImageBatches:
+    """Decode the images into RAM when they fit, and insist on two readable images."""
+    workers = train.num_workers if train.num_workers is not None else default_num_workers()
+    data = ImageBatches(paths, canvas_size=canvas_size, num_workers=workers, skip_log=skip_log)
+    if data.canvas_bytes() <= train.cache_limit_gb * 2**30:
+        size_mib = data.canvas_bytes() / 2**20
+        reporter.message(f"decoding {len(paths)} images into memory ({size_mib:.0f} MiB)")
+        data.cache()
+    elif _first_readable(data) is None:
+        raise DataError(f"{train.data_dir}: none of the {len(paths)} image files could be read")
+    readable = len(data.readable_indices)
+    if readable == 0:
+        raise DataError(f"{train.data_dir}: none of the {len(paths)} image files could be read")
+    if readable < 2:
+        raise DataError(
+            f"{train.data_dir}: only one readable image; SimCLR contrasts each image with the "
+            "others in its batch, so it needs at least two"
+        )
+    if skip_log.count:
+        reporter.message(f"skipped {skip_log.count} unreadable file(s); see the warnings above")
+    return data
+
+
+def _first_readable(data: ImageBatches) -> int | None:
+    """Decode files in order until one works (a streamed folder may be all junk)."""
+    for batch in data.iterate(range(len(data.paths)), batch_size=16):
+        return int(batch.indices[0])
+    return None
+
+
+def initial_model(config: RunConfig) -> LoadedModel:
+    """The encoder exactly as a run with this config starts, before any step (a baseline)."""
+    model = _initial_network(config)
+    return LoadedModel(model.backbone, model.projection_head, export_config(config, {"steps": 0}))
+
+
+def _initial_network(config: RunConfig) -> SimCLRModel:
+    torch.manual_seed(derive_seed(config.train.seed, "model-init"))
+    return build_model(config.model, image_size=config.augment.image_size)
+
+
+def _build_loop(config: RunConfig, device: torch.device, precision: Precision) -> _Loop:
+    model = _initial_network(config).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    lr = resolved_lr(config.optim, config.train.global_batch_size)
+    optimizer = build_optimizer(model, config.optim, lr=lr)
+    scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
+    return _Loop(model=model, optimizer=optimizer, scaler=scaler)
+
+
+def _restore(
+    loop: _Loop, config: RunConfig, run_dir: Path, metrics: MetricsLog, reporter: Reporter
+) -> None:
+    """Load the last checkpoint into the loop, refusing one from a different run."""
+    path = run_dir / CHECKPOINT_RELATIVE_PATH
+    if not path.is_file():
+        reporter.message(f"{run_dir}: no checkpoint yet; starting this run from step 0")
+        metrics.truncate_after(0)
+        return
+    state = load_checkpoint(path)
+    _check_same_run(state.get("config", {}), config, path)
+    loop.model.load_state_dict(state["model"])
+    loop.optimizer.load_state_dict(state["optimizer"])
+    if loop.scaler is not None and state.get("scaler"):
+        loop.scaler.load_state_dict(state["scaler"])
+    loop.step, loop.epoch = int(state["step"]), int(state["epoch"])
+    loop.batch_in_epoch = int(state["batch_in_epoch"])
+    loop.last_loss = float(state.get("last_loss", math.nan))
+    metrics.truncate_after(loop.step)
+    reporter.message(
+        f"resumed at step {loop.step} (epoch {loop.epoch + 1}, batch {loop.batch_in_epoch})"
+    )
+
+
+def _check_same_run(saved: dict[str, Any], config: RunConfig, path: Path) -> None:
+    current = config.to_dict()
+    differences = [
+        f"{part}.{key}"
+        for part, values in current.items()
+        for key, value in values.items()
+        if not (part == "train" and key in RESUMABLE_FIELDS)
+        and _plain(saved.get(part, {}).get(key)) != _plain(value)
+    ]
+    if differences:
+        raise CheckpointError(
+            f"{path} was written by a run with different settings ({', '.join(differences)}); "
+            "resuming would silently change the run"
+        )
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+@contextmanager
+def _stop_on_signal(loop: _Loop) -> Iterator[None]:
+    """Ctrl-C or SIGTERM asks the loop to checkpoint and stop; a second Ctrl-C aborts."""
+
+    def request_stop(signum: int, frame: object) -> None:
+        if loop.interrupted:
+            raise KeyboardInterrupt
+        loop.interrupted = True
+
+    try:
+        previous = {
+            sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+    except ValueError:  # not the main thread: signals cannot be caught here
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _train(
+    loop: _Loop,
+    config: RunConfig,
+    data: ImageBatches,
+    *,
+    device: torch.device,
+    precision: Precision,
+    run_dir: Path,
+    metrics: MetricsLog,
+    reporter: Reporter,
+) -> None:
+    """Run epochs from the loop's position until done or interrupted."""
+    train = config.train
+    num_images = len(data.readable_indices)
+    steps_per_epoch = batches_per_epoch(num_images, train.global_batch_size)
+    total_steps = steps_per_epoch * train.epochs
+    schedule = {
+        "peak_lr": resolved_lr(config.optim, train.global_batch_size),
+        "total_steps": total_steps,
+        "warmup_steps": warmup_steps(
+            config.optim, epochs=train.epochs, steps_per_epoch=steps_per_epoch
+        ),
+    }
+    reporter.start(task="pretrain", total=total_steps, completed=loop.step)
+    last_save = time.monotonic()
+    try:
+        while loop.epoch < train.epochs and not loop.interrupted:
+            order = torch.randperm(
+                num_images, generator=generator_for(train.seed, "order", loop.epoch)
+            )
+            order = order[: steps_per_epoch * train.global_batch_size].tolist()
+            start = loop.batch_in_epoch * train.global_batch_size
+            for batch in data.iterate(order[start:], batch_size=train.global_batch_size):
+                _step(loop, config, batch, device=device, precision=precision, schedule=schedule)
+                metrics.append(
+                    {
+                        "kind": "step",
+                        "step": loop.step,
+                        "epoch": loop.epoch + 1,
+                        "loss": loop.last_loss,
+                        "lr": loop.optimizer.param_groups[0]["lr"],
+                        "images_per_s": loop.images_per_s,
+                    }
+                )
+                reporter.advance(completed=loop.step, metrics=_shown(loop, epoch=loop.epoch + 1))
+                if loop.interrupted:
+                    break
+                if time.monotonic() - last_save > train.checkpoint_minutes * 60:
+                    _save(loop, config, run_dir)
+                    last_save = time.monotonic()
+            else:
+                _finish_epoch(loop, config, run_dir, metrics, reporter)
+                last_save = time.monotonic()
+        if loop.interrupted:
+            _save(loop, config, run_dir)
+            reporter.message(
+                f"interrupted: checkpoint saved at step {loop.step}; "
+                f"continue with: simclr pretrain --resume {run_dir}"
+            )
+    finally:
+        reporter.stop()
+
+
+def _step(
+    loop: _Loop,
+    config: RunConfig,
+    batch: Any,
+    *,
+    device: torch.device,
+    precision: Precision,
+    schedule: dict[str, Any],
+) -> None:
+    """One optimisation step on one batch of decoded canvases."""
+    started = time.perf_counter()
+    lr = learning_rate_at(loop.step, **schedule)
+    for group in loop.optimizer.param_groups:
+        group["lr"] = lr
+
+    # Two views of every image, drawn from this step's own random stream.
+    canvases = batch.canvases.to(device, non_blocking=True)
+    generator = generator_for(config.train.seed, "augment", loop.step)
+    view_a, view_b = make_views(canvases, batch.sizes, config.augment, generator)
+    images = torch.cat([view_a, view_b]).contiguous(
+        memory_format=torch.channels_last
+    )  # (2B, 3, S, S)
+
+    # One forward over both views, so batch norm sees the whole batch; the loss runs in fp32.
+    loop.model.train()
+    with autocast(device, precision):
+        projections = loop.model(images)  # (2B, P)
+    half = view_a.shape[0]
+    loss = nt_xent_loss(projections[:half], projections[half:], config.train.temperature)
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(
+            f"the loss became {loss.item()} at step {loop.step}; the last checkpoint was kept. "
+            "Try a lower learning rate (--lr), a higher --temperature, or --precision fp32"
+        )
+
+    loop.optimizer.zero_grad(set_to_none=True)
+    if loop.scaler is not None:
+        loop.scaler.scale(loss).backward()
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+    else:
+        loss.backward()
+        loop.optimizer.step()
+    loop.last_loss = float(loss.detach())
+    loop.epoch_losses.append(loop.last_loss)
+    loop.step += 1
+    loop.batch_in_epoch += 1
+    loop.images_per_s = half / max(time.perf_counter() - started, 1e-9)
+
+
+def _shown(loop: _Loop, *, epoch: int) -> dict[str, float]:
+    return {
+        "epoch": epoch,
+        "loss": loop.last_loss,
+        "lr": loop.optimizer.param_groups[0]["lr"],
+        "img/s": loop.images_per_s,
+    }
+
+
+def _finish_epoch(
+    loop: _Loop, config: RunConfig, run_dir: Path, metrics: MetricsLog, reporter: Reporter
+) -> None:
+    """Summarise the epoch, checkpoint, and redraw the loss curve."""
+    mean_loss = sum(loop.epoch_losses) / max(len(loop.epoch_losses), 1)
+    loop.epoch += 1
+    loop.batch_in_epoch = 0
+    loop.epoch_losses.clear()
+    metrics.append({"kind": "epoch", "step": loop.step, "epoch": loop.epoch, "loss": mean_loss})
+    _save(loop, config, run_dir)
+    plot_loss_curve(metrics.read(), run_dir / "loss.png")
+    reporter.message(
+        f"epoch {loop.epoch}/{config.train.epochs}: mean loss {mean_loss:.4f}, step {loop.step}, "
+        "checkpoint saved"
+    )
+
+
+def _save(loop: _Loop, config: RunConfig, run_dir: Path) -> None:
+    """Atomically write the full training state; a failed write keeps the previous one."""
+    state = {
+        "config": config.to_dict(),
+        "model": loop.model.state_dict(),
+        "optimizer": loop.optimizer.state_dict(),
+        "scaler": loop.scaler.state_dict() if loop.scaler is not None else {},
+        "step": loop.step,
+        "epoch": loop.epoch,
+        "batch_in_epoch": loop.batch_in_epoch,
+        "last_loss": loop.last_loss,
+    }
+    try:
+        save_checkpoint(run_dir / CHECKPOINT_RELATIVE_PATH, state)
+    except OSError as error:
+        raise CheckpointError(
+            f"could not write a checkpoint to {run_dir} ({error.strerror or error}); "
+            "the previous checkpoint is intact. Free some space or choose another --out"
+        ) from None

@@ -1,0 +1,51 @@
+"""Errors the engine raises for the user to act on.
+
+Every message says what went wrong and what to do about it; the command line prints the
+message alone (no traceback) and exits with status 1.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DeviceError",
+    "ImageDecodeError",
+    "NonFiniteLossError",
+    "SimclrError",
+]
+
+
+class SimclrError(Exception):
+    """Base class for every error meant to reach the user as one line."""
+
+
+class ConfigError(SimclrError):
+    """An option or a combination of options that cannot work."""
+
+
+class DataError(SimclrError):
+    """The input folder is missing, empty or holds no readable image."""
+
+
+class ImageDecodeError(SimclrError):
+    """One image could not be decoded; callers usually skip it and count it."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        """Record which file failed and why."""
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class DeviceError(SimclrError):
+    """The requested device or precision is not available here."""
+
+
+class CheckpointError(SimclrError):
+    """A checkpoint or model folder is missing, damaged or does not match the run."""
+
+
+class NonFiniteLossError(SimclrError):
+    """The loss became NaN or infinite; the run stopped without saving the bad state."""

@@ -1,0 +1,1 @@
+"""The encoder (a torchvision ResNet) and the projection head."""

@@ -1,0 +1,115 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from simclr_cli import __version__
+from simclr_cli.cli.app import app
+from simclr_cli.config import RunConfig
+
+runner = CliRunner()
+
+
+def test_version_is_printed() -> None:
+    # `simclr --version` names the package and its version.
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.stdout
+
+
+def test_help_does_not_import_torch() -> None:
+    # The command line imports torch only when a command runs, so --help is instant.
+    code = "import sys, simclr_cli.cli.app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_python_dash_m_runs_the_same_cli() -> None:
+    # `python -m simclr_cli` is the same program as `simclr`.
+    out = subprocess.run([sys.executable, "-m", "simclr_cli", "--version"], capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == f"simclr-cli {__version__}"
+
+
+def test_pretrain_flags_build_the_config_the_engine_receives(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Given options land in the config; options not given keep the dataclass defaults.
+    captured: dict[str, object] = {}
+
+    def fake_pretrain(config: RunConfig, *, reporter: object, resume: bool) -> None:
+        captured["config"], captured["resume"] = config, resume
+        raise SystemExit(0)
+
+    monkeypatch.setattr("simclr_cli.engine.pretrain.pretrain", fake_pretrain)
+    args = [
+        "pretrain",
+        str(tmp_path),
+        "-o",
+        str(tmp_path / "run"),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "64",
+        "--image-size",
+        "32",
+        "--arch",
+        "resnet34",
+        "--optimizer",
+        "adamw",
+        "--temperature",
+        "0.2",
+        "--crop-min-area",
+        "0.3",
+        "--flip-prob",
+        "0",
+    ]
+    runner.invoke(app, args)
+    config = captured["config"]
+    assert isinstance(config, RunConfig) and captured["resume"] is False
+    assert (config.train.epochs, config.train.global_batch_size) == (3, 64)
+    assert config.train.temperature == 0.2 and config.train.out_dir == str(tmp_path / "run")
+    assert config.augment.image_size == 32 and config.augment.crop_area == (0.3, 1.0)
+    assert config.augment.flip_prob == 0.0 and config.augment.jitter_strength == 1.0
+    assert config.model.arch == "resnet34" and config.optim.optimizer == "adamw"
+    assert config.optim.base_lr is None and config.train.seed == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["pretrain", "{tmp}/missing"], "no such folder"),
+        (["pretrain", "{tmp}/empty"], "no images found"),
+        (["pretrain"], "give the folder"),
+        (["pretrain", "{tmp}/empty", "--batch-size", "1"], "at least 2"),
+        (["pretrain", "{tmp}/empty", "--device", "cuda:7"], "CUDA"),
+        (["pretrain", "--resume", "{tmp}/empty"], "not a run folder"),
+        (["embed", "{tmp}/empty", "--model", "{tmp}/nomodel"], "no such model folder"),
+    ],
+)
+def test_bad_input_is_one_line_on_stderr_and_exit_one(
+    args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # User mistakes print one error line, no traceback, exit with status 1, and write nothing.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, [a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_refuses_model_options(tmp_path: Path, few_digits: Path) -> None:
+    # Changing the architecture of a run on resume is refused before any training.
+    from simclr_cli.config import build_run_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = build_run_config(train={"data_dir": str(few_digits), "out_dir": str(run)})
+    (run / "run_config.json").write_text(__import__("json").dumps(config.to_dict()))
+    result = runner.invoke(app, ["pretrain", "--resume", str(run), "--arch", "resnet50"])
+    assert result.exit_code == 1 and "cannot change arch" in result.stderr

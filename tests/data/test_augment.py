@@ -1,0 +1,174 @@
+import math
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from skimage import data as skdata
+
+from simclr_cli.config import AugmentConfig
+from simclr_cli.data import augment
+from simclr_cli.data.augment import (
+    apply_view,
+    blur_kernel_size,
+    center_view,
+    crop_and_flip,
+    make_views,
+    sample_view_params,
+)
+
+
+def _photo_batch(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two real photos (astronaut, coffee) as uint8 canvases with full valid regions."""
+    photos = [skdata.astronaut(), skdata.coffee()]
+    batch = torch.stack(
+        [
+            TF.resize(torch.from_numpy(p).permute(2, 0, 1), [size, size], antialias=True)
+            for p in photos
+        ]
+    )
+    return batch, torch.tensor([[size, size]] * len(photos))
+
+
+def test_parameters_stay_in_the_paper_ranges() -> None:
+    # Crops cover 8-100% of the image within aspect 3/4-4/3 and stay inside it; factors obey s.
+    config = AugmentConfig(image_size=32, jitter_strength=1.0, blur_prob=0.5)
+    sizes = torch.tensor([[60, 40]] * 4000)
+    params = sample_view_params(config, sizes, torch.Generator().manual_seed(0))
+    x0, y0, w, h = params.crop_boxes.unbind(1)
+    area = w * h / (60 * 40)
+    found = (area >= 0.08 - 1e-6) & (area <= 1 + 1e-6)
+    assert found.float().mean() > 0.95  # the rest used the centred fallback
+    aspect = w / h
+    assert ((aspect >= 3 / 4 - 1e-5) & (aspect <= 4 / 3 + 1e-5)).all()
+    assert (x0 >= 0).all() and (y0 >= 0).all()
+    assert (x0 + w <= 40 + 1e-4).all() and (y0 + h <= 60 + 1e-4).all()
+    for factor in (params.brightness, params.contrast, params.saturation):
+        assert factor.min() >= 0.2 - 1e-6 and factor.max() <= 1.8 + 1e-6
+    assert params.hue.abs().max() <= 0.2 + 1e-6
+    assert params.blur_sigma.min() >= 0.1 and params.blur_sigma.max() <= 2.0
+    for flag, prob in (
+        (params.flip, 0.5),
+        (params.jitter, 0.8),
+        (params.grayscale, 0.2),
+        (params.blur, 0.5),
+    ):
+        assert flag.float().mean().item() == pytest.approx(prob, abs=0.03)
+    assert (params.jitter_order.sort(dim=1).values == torch.arange(4)).all()
+
+
+def test_blur_is_off_by_default_at_64_px_and_on_above() -> None:
+    # The paper skipped blur for CIFAR-10; the default follows the image size.
+    sizes = torch.tensor([[64, 64]] * 500)
+    small = sample_view_params(
+        AugmentConfig(image_size=64), sizes, torch.Generator().manual_seed(0)
+    )
+    large = sample_view_params(
+        AugmentConfig(image_size=96), sizes, torch.Generator().manual_seed(0)
+    )
+    assert not small.blur.any()
+    assert large.blur.float().mean().item() == pytest.approx(0.5, abs=0.08)
+
+
+def test_same_seed_gives_identical_views_and_other_seeds_differ() -> None:
+    # A seed fixes every view; the two views, and each image, draw their own parameters.
+    canvases, sizes = _photo_batch()
+    config = AugmentConfig(image_size=32)
+    first = make_views(canvases, sizes, config, torch.Generator().manual_seed(7))
+    again = make_views(canvases, sizes, config, torch.Generator().manual_seed(7))
+    other = make_views(canvases, sizes, config, torch.Generator().manual_seed(8))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.allclose(first[0], other[0])
+    assert not torch.allclose(first[0], first[1])
+    assert first[0].shape == (2, 3, 32, 32)
+
+
+def test_views_are_normalised_images_of_the_right_size_and_range() -> None:
+    # Before normalisation a view lies in [0, 1]; after it, roughly zero-mean.
+    canvases, sizes = _photo_batch(96)
+    config = AugmentConfig(image_size=48, blur_prob=1.0)
+    params = sample_view_params(config, sizes, torch.Generator().manual_seed(0))
+    view = apply_view(canvases, params, config)
+    assert view.shape == (2, 3, 48, 48)
+    assert view.min() >= 0 and view.max() <= 1
+
+
+def test_full_box_without_flip_is_the_identity_and_flip_mirrors() -> None:
+    # Sampling the whole canvas at its own size returns it; the flip mirrors the width.
+    canvases, _ = _photo_batch(32)
+    images = canvases.float() / 255
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0]] * 2)
+    same = crop_and_flip(images, boxes, torch.tensor([False, False]), size=32)
+    mirrored = crop_and_flip(images, boxes, torch.tensor([True, True]), size=32)
+    assert torch.allclose(same, images, atol=1e-5)
+    assert torch.allclose(mirrored, images.flip(-1), atol=1e-5)
+
+
+def test_crop_box_selects_the_region_it_names() -> None:
+    # A box over the right half, sampled at its own size, equals that half of the canvas.
+    canvases, _ = _photo_batch(32)
+    images = canvases.float() / 255
+    boxes = torch.tensor([[16.0, 0.0, 16.0, 16.0]] * 2)
+    crop = crop_and_flip(images, boxes, torch.tensor([False, False]), size=16)
+    assert torch.allclose(crop, images[:, :, :16, 16:], atol=1e-5)
+
+
+def test_center_view_of_a_wide_image_takes_its_middle_square() -> None:
+    # Evaluation view: shorter side to size, centre square; padding is never sampled.
+    canvas = torch.zeros(1, 3, 8, 8)
+    canvas[0, :, :4, :] = 0.5  # valid region 4 x 8 (h x w), zero padding below
+    canvas[0, :, :4, 2:6] = 1.0  # the centre 4 x 4 square is white
+    out = center_view(canvas, torch.tensor([[4, 8]]), size=4)
+    assert torch.allclose(out, torch.ones_like(out))
+
+
+@pytest.mark.parametrize(
+    ("name", "reference", "factor"),
+    [
+        ("_adjust_brightness", TF.adjust_brightness, 1.4),
+        ("_adjust_contrast", TF.adjust_contrast, 0.6),
+        ("_adjust_saturation", TF.adjust_saturation, 1.7),
+        ("_adjust_hue", TF.adjust_hue, 0.15),
+        ("_adjust_hue", TF.adjust_hue, -0.2),
+    ],
+)
+def test_colour_adjustments_match_torchvision_per_image(name, reference, factor) -> None:
+    # Each batched adjustment equals torchvision's single-image version on a real photo.
+    canvases, _ = _photo_batch(32)
+    images = canvases.float() / 255
+    ours = getattr(augment, name)(images.clone(), torch.tensor([factor, factor]))
+    theirs = torch.stack([reference(image, factor) for image in images])
+    assert torch.allclose(ours, theirs, atol=2e-3)
+
+
+def test_blur_kernel_is_about_a_tenth_of_the_side() -> None:
+    # 23 px at 224 px, as the paper says; always odd.
+    assert blur_kernel_size(224) == 23
+    assert all(blur_kernel_size(size) % 2 == 1 for size in range(8, 300))
+
+
+def test_blur_keeps_flat_images_flat_and_smooths_real_ones() -> None:
+    # A Gaussian kernel sums to one (flat stays flat) and lowers a photo's pixel variance.
+    canvases, _ = _photo_batch(64)
+    images = canvases.float() / 255
+    blurred = augment._gaussian_blur(images.clone(), torch.tensor([2.0, 2.0]))
+    flat = augment._gaussian_blur(torch.full((1, 3, 16, 16), 0.3), torch.tensor([1.5]))
+    assert torch.allclose(flat, torch.full_like(flat, 0.3), atol=1e-6)
+    assert blurred.diff(dim=-1).abs().mean() < images.diff(dim=-1).abs().mean()
+
+
+def test_grayscale_views_have_equal_channels() -> None:
+    # Grayscale replaces the three channels by the same luma.
+    canvases, sizes = _photo_batch()
+    config = AugmentConfig(image_size=32, grayscale_prob=1.0, jitter_prob=0.0)
+    view = apply_view(canvases, sample_view_params(config, sizes, torch.Generator()), config)
+    assert torch.allclose(view[:, 0], view[:, 1]) and torch.allclose(view[:, 1], view[:, 2])
+
+
+def test_tiny_and_elongated_images_get_valid_crops() -> None:
+    # 1x1 and 1000x10 images (as valid regions) never yield empty or outside boxes.
+    sizes = torch.tensor([[1, 1], [10, 1000], [1000, 10]])
+    params = sample_view_params(AugmentConfig(image_size=32), sizes, torch.Generator())
+    x0, y0, w, h = params.crop_boxes.unbind(1)
+    assert (w > 0).all() and (h > 0).all()
+    assert (x0 + w <= sizes[:, 1] + 1e-4).all() and (y0 + h <= sizes[:, 0] + 1e-4).all()
+    assert not math.isnan(float(params.crop_boxes.sum()))

@@ -1,0 +1,102 @@
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simclr_cli.checkpoint import save_exported_model
+from simclr_cli.config import AugmentConfig, RunConfig
+from simclr_cli.engine.embed import EmbedOptions, embed_folder
+from simclr_cli.engine.pretrain import initial_model
+from simclr_cli.errors import CheckpointError, DataError
+from simclr_cli.models.export import export_config
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 16 px encoder exported like a finished run."""
+    config = RunConfig(augment=AugmentConfig(image_size=16))
+    model = initial_model(config)
+    state = {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}
+    assert model.projection_head is not None
+    state.update({f"projection_head.{k}": v for k, v in model.projection_head.state_dict().items()})
+    folder = tmp_path_factory.mktemp("model")
+    save_exported_model(folder, state, export_config(config, {}))
+    return folder
+
+
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_each_row_is_the_embedding_of_the_file_the_manifest_names(
+    few_digits: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    # Rows follow the manifest: a file embedded alone gives exactly its row in the batch run.
+    result = embed_folder(
+        few_digits,
+        model_dir,
+        tmp_path / "vecs.npy",
+        options=EmbedOptions(batch_size=7, num_workers=0),
+    )
+    vectors = np.load(tmp_path / "vecs.npy")
+    manifest = read_manifest(result.manifest_path)
+    assert vectors.shape == (60, 512) and vectors.dtype == np.float32 and len(manifest) == 60
+    assert [int(r["row"]) for r in manifest] == list(range(60))
+    for record in (manifest[0], manifest[31], manifest[59]):
+        alone = tmp_path / f"alone{record['row']}"
+        alone.mkdir()
+        shutil.copy(record["path"], alone / Path(record["path"]).name)
+        single = embed_folder(
+            alone, model_dir, alone / "out" / "v.npy", options=EmbedOptions(num_workers=0)
+        )
+        assert single.rows == 1
+        row = np.load(alone / "out" / "v.npy")[0]
+        assert np.allclose(row, vectors[int(record["row"])], atol=1e-4)
+
+
+def test_broken_files_are_listed_in_the_manifest_not_embedded(
+    few_digits: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    # A truncated image and a fake one are skipped with reasons; rows stay contiguous.
+    data = tmp_path / "data"
+    shutil.copytree(few_digits / "4", data / "4")
+    (data / "4" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    (data / "notes.jpg").write_text("hello")
+    result = embed_folder(
+        data,
+        model_dir,
+        tmp_path / "out" / "vecs.npy",
+        options=EmbedOptions(num_workers=0, batch_size=5),
+    )
+    manifest = read_manifest(result.manifest_path)
+    skipped = {Path(r["path"]).name: r["skipped_reason"] for r in manifest if r["row"] == ""}
+    assert set(skipped) == {"bad.png", "notes.jpg"} and all(skipped.values())
+    assert result.rows == 6 and np.load(result.array_path).shape == (6, 512)
+    meta = json.loads((tmp_path / "out" / "vecs.json").read_text())
+    assert meta["rows"] == 6 and meta["skipped"] == 2
+
+
+def test_projection_and_normalised_rows(few_digits: Path, model_dir: Path, tmp_path: Path) -> None:
+    # --projection gives the head's 128-d output; --normalize gives unit rows; a batch of one works.
+    options = EmbedOptions(num_workers=0, projection=True, l2_normalize=True, batch_size=59)
+    result = embed_folder(few_digits, model_dir, tmp_path / "p.npy", options=options)
+    vectors = np.load(result.array_path)
+    assert vectors.shape == (60, 128)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_missing_model_and_empty_folder_are_clear_errors(
+    few_digits: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    # No model, no images: one-line errors before anything is written.
+    with pytest.raises(CheckpointError, match="no such model folder"):
+        embed_folder(few_digits, tmp_path / "nope", tmp_path / "v.npy")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no images found"):
+        embed_folder(empty, model_dir, tmp_path / "v.npy")
+    assert not (tmp_path / "v.npy").exists()
