@@ -142,6 +142,7 @@ class TrainConfig:
     checkpoint_minutes: float = 10.0
     log_every_steps: int = 10
     strict: bool = False
+    max_pixels: int | None = None  # None: Pillow's decompression-bomb limit (about 179 MP)
 
     def __post_init__(self) -> None:
         """Reject values that would make the run meaningless."""
@@ -155,6 +156,7 @@ class TrainConfig:
         _check(self.cache_limit_gb >= 0, "cache limit must be >= 0")
         _check(self.checkpoint_minutes > 0, "checkpoint interval must be positive")
         _check(self.log_every_steps >= 1, "log interval must be at least 1 step")
+        _check(self.max_pixels is None or self.max_pixels >= 1, "max pixels must be positive")
         _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision: auto|fp32|bf16|fp16")
 
 

@@ -68,7 +68,8 @@ class LARS(torch.optim.Optimizer):
 
 def _split_decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(weights, biases and normalisation parameters): the latter get no decay or LARS."""
-    weights, exempt = [], []
+    weights: list[nn.Parameter] = []
+    exempt: list[nn.Parameter] = []
     for module in model.modules():
         is_norm = isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
         for name, param in module.named_parameters(recurse=False):
@@ -83,8 +84,12 @@ def build_optimizer(model: nn.Module, config: OptimConfig, *, lr: float) -> torc
     weights, exempt = _split_decay_groups(model)
     decay = resolved_weight_decay(config)
     if config.optimizer == "lars":
+        lars_groups: list[dict[str, object]] = [
+            {"params": weights},
+            {"params": exempt, "weight_decay": 0.0, "lars_adapt": False},
+        ]
         return LARS(
-            [{"params": weights}, {"params": exempt, "weight_decay": 0.0, "lars_adapt": False}],
+            lars_groups,
             lr=lr,
             momentum=config.momentum,
             weight_decay=decay,

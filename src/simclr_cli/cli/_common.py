@@ -45,3 +45,14 @@ def user_errors() -> Iterator[None]:
 def given(**options: Any) -> dict[str, Any]:
     """Only the options the user set, so config defaults stay the single source of truth."""
     return {name: value for name, value in options.items() if value is not None}
+
+
+MaxPixelsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-pixels",
+        min=1,
+        help="Skip images with more pixels than this as possible decompression bombs "
+        "(default: Pillow's limit, about 179 million); raise it to admit huge scans.",
+    ),
+]

@@ -9,6 +9,7 @@ import typer
 
 from simclr_cli.cli._common import (
     DeviceOption,
+    MaxPixelsOption,
     QuietOption,
     StrictOption,
     VerboseOption,
@@ -58,6 +59,7 @@ def embed_command(
     ] = "fp32",
     workers: WorkersOption = None,
     strict: StrictOption = False,
+    max_pixels: MaxPixelsOption = None,
     verbose: VerboseOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -74,6 +76,7 @@ def embed_command(
         projection=projection,
         l2_normalize=normalize,
         strict=strict,
+        max_pixels=max_pixels,
     )
     with user_errors():
         result = embed_folder(

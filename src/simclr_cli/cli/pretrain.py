@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from simclr_cli.cli._common import (
+    MaxPixelsOption,
     QuietOption,
     StrictOption,
     VerboseOption,
@@ -184,6 +185,7 @@ def pretrain_command(
         ),
     ] = None,
     strict: StrictOption = False,
+    max_pixels: MaxPixelsOption = None,
     verbose: VerboseOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -224,6 +226,7 @@ def pretrain_command(
         cache_limit_gb=cache_limit_gb,
         checkpoint_minutes=checkpoint_minutes,
         strict=strict or None,
+        max_pixels=max_pixels,
     )
     with user_errors():
         if resume is not None:

@@ -28,6 +28,7 @@ __all__ = [
     "RUN_MARKER",
     "decode_image",
     "load_canvas",
+    "raise_pillow_pixel_limit",
     "scan_images",
 ]
 
@@ -177,10 +178,9 @@ def decode_image(
     Args:
         path: Image file.
         max_pixels: Refuse images with more pixels than this (read from the header, before
-            decoding); None lifts our limit for this call. Limitation: Pillow's own check
-            (twice `Image.MAX_IMAGE_PIXELS`, i.e. `DEFAULT_MAX_PIXELS` unless someone changed
-            that global) still refuses larger images, so a higher `max_pixels` cannot admit
-            them; we leave the process-wide global alone.
+            decoding); None lifts our limit for this call. Pillow's own refusal (above twice
+            `Image.MAX_IMAGE_PIXELS`) still applies: `raise_pillow_pixel_limit` lifts it,
+            explicitly and with a log line, for a user who asked for larger images.
         draft_size: If set, a JPEG may be decoded at a reduced scale (1/2, 1/4 or 1/8) as long
             as its longer side stays at least this many pixels. Much faster for large photos.
 
@@ -207,6 +207,22 @@ def decode_image(
         raise
     except Exception as exc:
         raise ImageDecodeError(path, _describe_failure(path, exc)) from exc
+
+
+def raise_pillow_pixel_limit(max_pixels: int) -> None:
+    """Let Pillow open images of up to `max_pixels` (never lowers its limit, never disables it).
+
+    Pillow refuses images above twice `Image.MAX_IMAGE_PIXELS` as decompression bombs. This
+    raises that process-wide setting only when the user asked for larger images, and says so.
+    """
+    needed = math.ceil(max_pixels / 2)
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and needed > current:
+        logger.warning(
+            "allowing images of up to %d pixels, above Pillow's decompression-bomb limit",
+            max_pixels,
+        )
+        Image.MAX_IMAGE_PIXELS = needed
 
 
 def _check_pixels(path: str | Path, size: tuple[int, int], max_pixels: int | None) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from simclr_cli.data.images import load_canvas
+from simclr_cli.data.images import DEFAULT_MAX_PIXELS, load_canvas, raise_pillow_pixel_limit
 from simclr_cli.errors import DataError, ImageDecodeError
 
 __all__ = ["CanvasBatch", "ImageBatches", "SkipLog", "batches_per_epoch", "default_num_workers"]
@@ -69,7 +69,7 @@ def batches_per_epoch(num_images: int, batch_size: int) -> int:
 
 
 class _CanvasDataset(Dataset[tuple[int, np.ndarray | None, tuple[int, int], str]]):
-    def __init__(self, paths: Sequence[Path], canvas_size: int, max_pixels: int | None) -> None:
+    def __init__(self, paths: Sequence[Path], canvas_size: int, max_pixels: int) -> None:
         self.paths = paths
         self.canvas_size = canvas_size
         self.max_pixels = max_pixels
@@ -119,7 +119,14 @@ class ImageBatches:
         skip_log: SkipLog,
         max_pixels: int | None = None,
     ) -> None:
-        """Prepare to decode `paths`; nothing is read until `cache` or `iterate`."""
+        """Prepare to decode `paths`; nothing is read until `cache` or `iterate`.
+
+        Images with more than `max_pixels` pixels (default: Pillow's limit) are skipped as
+        possible decompression bombs.
+        """
+        max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+        if max_pixels > DEFAULT_MAX_PIXELS:
+            raise_pillow_pixel_limit(max_pixels)  # before workers fork, so they inherit it
         self.paths = list(paths)
         self.canvas_size = canvas_size
         self.num_workers = num_workers

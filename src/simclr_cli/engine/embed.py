@@ -98,6 +98,7 @@ class EmbedOptions:
     projection: bool = False
     l2_normalize: bool = False
     strict: bool = False
+    max_pixels: int | None = None  # None: Pillow's decompression-bomb limit
 
 
 def embed_folder(
@@ -129,6 +130,7 @@ def embed_folder(
         canvas_size=int(model.config["preprocessing"]["decode_size"]),
         num_workers=workers,
         skip_log=skip_log,
+        max_pixels=options.max_pixels,
     )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rows_written, dim = _write_rows(

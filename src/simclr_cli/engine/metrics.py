@@ -71,7 +71,7 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:
     )
     lr_axis.set_ylabel("learning rate", color="tab:orange")
     lines = loss_axis.get_lines() + lr_axis.get_lines()
-    loss_axis.legend(lines, [line.get_label() for line in lines], loc="upper right")
+    loss_axis.legend(lines, [str(line.get_label()) for line in lines], loc="upper right")
     loss_axis.set_title("SimCLR pretraining")
     figure.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")

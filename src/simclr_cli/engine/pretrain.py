@@ -56,6 +56,7 @@ RESUMABLE_FIELDS = frozenset(
         "checkpoint_minutes",
         "log_every_steps",
         "strict",
+        "max_pixels",
         "out_dir",
     }
 )
@@ -238,7 +239,13 @@ def _prepare_data(
 ) -> ImageBatches:
     """Decode the images into RAM when they fit, and insist on two readable images."""
     workers = train.num_workers if train.num_workers is not None else default_num_workers()
-    data = ImageBatches(paths, canvas_size=canvas_size, num_workers=workers, skip_log=skip_log)
+    data = ImageBatches(
+        paths,
+        canvas_size=canvas_size,
+        num_workers=workers,
+        skip_log=skip_log,
+        max_pixels=train.max_pixels,
+    )
     if data.canvas_bytes() <= train.cache_limit_gb * 2**30:
         size_mib = data.canvas_bytes() / 2**20
         reporter.message(f"decoding {len(paths)} images into memory ({size_mib:.0f} MiB)")
@@ -379,10 +386,9 @@ def _train(
     last_save = time.monotonic()
     try:
         while loop.epoch < train.epochs and not loop.interrupted:
-            order = torch.randperm(
-                num_images, generator=generator_for(train.seed, "order", loop.epoch)
+            order = _epoch_order(
+                train, loop.epoch, num_images=num_images, steps_per_epoch=steps_per_epoch
             )
-            order = order[: steps_per_epoch * train.global_batch_size].tolist()
             start = loop.batch_in_epoch * train.global_batch_size
             for batch in data.iterate(order[start:], batch_size=train.global_batch_size):
                 _step(loop, config, batch, device=device, precision=precision, schedule=schedule)
@@ -450,19 +456,33 @@ def _step(
             "Try a lower learning rate (--lr), a higher --temperature, or --precision fp32"
         )
 
-    loop.optimizer.zero_grad(set_to_none=True)
-    if loop.scaler is not None:
-        loop.scaler.scale(loss).backward()
-        loop.scaler.step(loop.optimizer)
-        loop.scaler.update()
-    else:
-        loss.backward()
-        loop.optimizer.step()
+    _backward_and_update(loop, loss)
     loop.last_loss = float(loss.detach())
     loop.epoch_losses.append(loop.last_loss)
     loop.step += 1
     loop.batch_in_epoch += 1
     loop.images_per_s = half / max(time.perf_counter() - started, 1e-9)
+
+
+def _epoch_order(
+    train: TrainConfig, epoch: int, *, num_images: int, steps_per_epoch: int
+) -> list[int]:
+    """This epoch's shuffled image positions, from its own seeded stream."""
+    order = torch.randperm(num_images, generator=generator_for(train.seed, "order", epoch))
+    kept: list[int] = order[: steps_per_epoch * train.global_batch_size].tolist()
+    return kept
+
+
+def _backward_and_update(loop: _Loop, loss: torch.Tensor) -> None:
+    """Gradients and one optimiser step; fp16 goes through the loss scaler."""
+    loop.optimizer.zero_grad(set_to_none=True)
+    if loop.scaler is not None:
+        loop.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+    else:
+        loss.backward()  # type: ignore[no-untyped-call]
+        loop.optimizer.step()
 
 
 def _shown(loop: _Loop, *, epoch: int) -> dict[str, float]:
