@@ -178,3 +178,15 @@ def test_output_folder_inside_the_input_is_not_scanned(few_digits: Path, tmp_pat
     first = pretrain(tiny_config(data, data / "runs" / "a", epochs=1))
     second = pretrain(tiny_config(data, data / "runs" / "b", epochs=1))
     assert first.num_images == second.num_images == 12
+
+
+def test_resume_refuses_a_folder_whose_images_changed(few_digits: Path, tmp_path: Path) -> None:
+    # Removing images changes every later batch; resume says so instead of drifting silently.
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(few_digits, data)
+    result = pretrain(tiny_config(data, tmp_path / "run", epochs=1))
+    next((data / "5").iterdir()).unlink()
+    with pytest.raises(CheckpointError, match="changed since"):
+        pretrain(resume_config(result.run_dir, epochs=2), resume=True)

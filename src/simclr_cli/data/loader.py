@@ -139,21 +139,22 @@ class ImageBatches:
         return len(self.paths) * 3 * self.canvas_size**2
 
     def cache(self, batch_size: int = 64) -> None:
-        """Decode every image once and keep the canvases in RAM; bad files are dropped."""
-        parts = list(self._load(list(range(len(self.paths))), batch_size=batch_size))
-        indices = (
-            torch.cat([p.indices for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
-        )
-        if len(indices) == 0:
-            self._cache = CanvasBatch(
-                indices,
-                torch.zeros(0, 3, self.canvas_size, self.canvas_size, dtype=torch.uint8),
-                torch.zeros(0, 2, dtype=torch.long),
-            )
-            return
-        self._cache = CanvasBatch(
-            indices, torch.cat([p.canvases for p in parts]), torch.cat([p.sizes for p in parts])
-        )
+        """Decode every image once and keep the canvases in RAM; bad files are dropped.
+
+        Batches arrive in file order, so good canvases are packed at the front of one
+        preallocated tensor as they come: peak memory is the cache itself, not twice it.
+        """
+        count, side = len(self.paths), self.canvas_size
+        canvases = torch.empty(count, 3, side, side, dtype=torch.uint8)
+        sizes = torch.empty(count, 2, dtype=torch.long)
+        indices = torch.empty(count, dtype=torch.long)
+        filled = 0
+        for batch in self._load(list(range(count)), batch_size=batch_size):
+            end = filled + len(batch.indices)
+            canvases[filled:end], sizes[filled:end] = batch.canvases, batch.sizes
+            indices[filled:end] = batch.indices
+            filled = end
+        self._cache = CanvasBatch(indices[:filled], canvases[:filled], sizes[:filled])
 
     @property
     def readable_indices(self) -> torch.Tensor:

@@ -8,9 +8,11 @@ same batches, views, learning rates and losses as one that was never interrupted
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -88,6 +90,7 @@ class _Loop:
     batch_in_epoch: int = 0
     last_loss: float = math.nan
     images_per_s: float = 0.0
+    dataset: dict[str, Any] = field(default_factory=dict)  # size and fingerprint of the images
     interrupted: bool = False
     epoch_losses: list[float] = field(default_factory=list)
 
@@ -148,6 +151,7 @@ def pretrain(
     )
     num_images = len(data.readable_indices)
     loop = _build_loop(config, device, precision)
+    loop.dataset = _dataset_identity(data, config.train.data_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     if resume:
         _restore(loop, config, run_dir, metrics, reporter)
@@ -265,6 +269,18 @@ def _prepare_data(
     return data
 
 
+def _dataset_identity(data: ImageBatches, root: str) -> dict[str, Any]:
+    """Count and hash of the readable files, so a resume notices a changed folder.
+
+    Paths are hashed relative to the folder, so the folder itself may move.
+    """
+    digest = hashlib.sha256()
+    for index in data.readable_indices.tolist():
+        relative = os.path.relpath(data.paths[index], root)
+        digest.update(relative.encode("utf-8", "surrogateescape") + b"\0")
+    return {"images": len(data.readable_indices), "sha256": digest.hexdigest()}
+
+
 def _first_readable(data: ImageBatches) -> int | None:
     """Decode files in order until one works (a streamed folder may be all junk)."""
     for batch in data.iterate(range(len(data.paths)), batch_size=16):
@@ -303,6 +319,13 @@ def _restore(
         return
     state = load_checkpoint(path)
     _check_same_run(state.get("config", {}), config, path)
+    saved_dataset = state.get("dataset", {})
+    if saved_dataset and saved_dataset != loop.dataset:
+        raise CheckpointError(
+            f"the images in {config.train.data_dir} changed since {path} was written "
+            f"({saved_dataset.get('images')} readable images then, {loop.dataset['images']} now); "
+            "resuming would silently change the run. Restore the folder or start a new run"
+        )
     loop.model.load_state_dict(state["model"])
     loop.optimizer.load_state_dict(state["optimizer"])
     if loop.scaler is not None and state.get("scaler"):
@@ -522,6 +545,7 @@ def _save(loop: _Loop, config: RunConfig, run_dir: Path) -> None:
         "epoch": loop.epoch,
         "batch_in_epoch": loop.batch_in_epoch,
         "last_loss": loop.last_loss,
+        "dataset": loop.dataset,
     }
     try:
         save_checkpoint(run_dir / CHECKPOINT_RELATIVE_PATH, state)
