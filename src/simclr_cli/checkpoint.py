@@ -53,8 +53,10 @@ def atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp's 0600 would hide results from others
         write(tmp)
+        # mkstemp's 0600 would hide results from other users; some writers recreate the file,
+        # so the mode is set after writing.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

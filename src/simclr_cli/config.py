@@ -157,7 +157,10 @@ class TrainConfig:
         _check(self.checkpoint_minutes > 0, "checkpoint interval must be positive")
         _check(self.log_every_steps >= 1, "log interval must be at least 1 step")
         _check(self.max_pixels is None or self.max_pixels >= 1, "max pixels must be positive")
-        _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision: auto|fp32|bf16|fp16")
+        _check(
+            self.precision in ("auto", "fp32", "bf16", "fp16"),
+            f"unknown precision {self.precision!r}; use auto, fp32, bf16 or fp16",
+        )
 
 
 @dataclass(frozen=True)

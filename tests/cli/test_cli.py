@@ -113,3 +113,21 @@ def test_resume_refuses_model_options(tmp_path: Path, few_digits: Path) -> None:
     (run / "run_config.json").write_text(__import__("json").dumps(config.to_dict()))
     result = runner.invoke(app, ["pretrain", "--resume", str(run), "--arch", "resnet50"])
     assert result.exit_code == 1 and "cannot change arch" in result.stderr
+
+
+def test_an_interrupted_run_exits_with_130(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A run stopped by Ctrl-C must not look like success to `&&` chains and schedulers.
+    from simclr_cli.engine.pretrain import PretrainResult
+
+    def interrupted(config: RunConfig, *, reporter: object, resume: bool) -> PretrainResult:
+        return PretrainResult(tmp_path, 3, 0, float("nan"), 10, {}, True, 1.0)
+
+    monkeypatch.setattr("simclr_cli.engine.pretrain.pretrain", interrupted)
+    result = runner.invoke(app, ["pretrain", str(tmp_path), "-o", str(tmp_path / "run")])
+    assert result.exit_code == 130 and "interrupted" in result.stdout
+
+
+def test_resume_with_out_is_refused(tmp_path: Path) -> None:
+    # --resume continues a run where it is; a second folder would be silently ignored.
+    result = runner.invoke(app, ["pretrain", "--resume", str(tmp_path), "-o", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "drop -o" in result.stderr

@@ -10,7 +10,7 @@ from simclr_cli.checkpoint import save_exported_model
 from simclr_cli.config import AugmentConfig, RunConfig
 from simclr_cli.engine.embed import EmbedOptions, embed_folder
 from simclr_cli.engine.pretrain import initial_model
-from simclr_cli.errors import CheckpointError, DataError
+from simclr_cli.errors import CheckpointError, ConfigError, DataError
 from simclr_cli.models.export import export_config
 
 
@@ -100,3 +100,25 @@ def test_missing_model_and_empty_folder_are_clear_errors(
     with pytest.raises(DataError, match="no images found"):
         embed_folder(empty, model_dir, tmp_path / "v.npy")
     assert not (tmp_path / "v.npy").exists()
+
+
+def test_output_inside_the_data_folder_leaves_every_image_in(
+    few_digits: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    # Writing vecs.npy into a class folder must not drop that folder's images.
+    data = tmp_path / "data"
+    shutil.copytree(few_digits, data)
+    result = embed_folder(
+        data, model_dir, data / "3" / "vecs.npy", options=EmbedOptions(num_workers=0)
+    )
+    assert result.rows == 60
+
+
+def test_unwritable_output_is_a_clear_error(
+    few_digits: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    # An output path under a file fails before any image is encoded, with one line.
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="cannot write"):
+        embed_folder(few_digits, model_dir, blocker / "v.npy")

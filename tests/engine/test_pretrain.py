@@ -63,7 +63,7 @@ def test_pretrain_writes_a_complete_run_folder(few_digits: Path, tmp_path: Path)
         ".simclr-run",
     ):
         assert (run / name).is_file(), name
-    assert result.num_images == 60 and result.step == 4  # 3 full batches + one of 12
+    assert result.num_images == 60 and result.step == 3  # full batches only; 12 wait
     model = load_model(run)
     assert model.image_size == 16 and model.backbone.small_stem
     assert json.loads((run / "config.json").read_text())["preprocessing"]["center_crop"] == 16
@@ -121,7 +121,7 @@ def test_resume_with_more_epochs_continues_the_step_count(few_digits: Path, tmp_
     result = pretrain(tiny_config(few_digits, tmp_path / "run", epochs=1))
     more = pretrain(resume_config(result.run_dir, epochs=2), resume=True)
     steps = [r["step"] for r in step_records(result.run_dir)]
-    assert more.step == 8 and steps == list(range(1, 9))
+    assert more.step == 6 and steps == list(range(1, 7))
 
 
 def test_folders_without_two_readable_images_fail_before_training(tmp_path: Path) -> None:
@@ -190,3 +190,17 @@ def test_resume_refuses_a_folder_whose_images_changed(few_digits: Path, tmp_path
     next((data / "5").iterdir()).unlink()
     with pytest.raises(CheckpointError, match="changed since"):
         pretrain(resume_config(result.run_dir, epochs=2), resume=True)
+
+
+def test_resume_with_fewer_epochs_than_done_is_refused(few_digits: Path, tmp_path: Path) -> None:
+    # Asking a 2-epoch run to resume with 1 epoch cannot be honoured and says so.
+    result = pretrain(tiny_config(few_digits, tmp_path / "run", epochs=2))
+    with pytest.raises(ConfigError, match="already trained 2 epochs"):
+        pretrain(resume_config(result.run_dir, epochs=1), resume=True)
+
+
+def test_resume_accepts_repeating_the_runs_own_settings(few_digits: Path, tmp_path: Path) -> None:
+    # Giving an option with the value the run already uses is not a change.
+    result = pretrain(tiny_config(few_digits, tmp_path / "run", epochs=1))
+    config = resume_config(result.run_dir, temperature=0.5, changed={"image_size": 16})
+    assert config.train.temperature == 0.5 and config.augment.image_size == 16

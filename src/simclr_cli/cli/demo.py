@@ -16,7 +16,7 @@ def demo_command(
     ] = Path("runs/demo"),
     epochs: Annotated[
         int, typer.Option(min=1, help="Pretraining epochs over the 4,000 training digits.")
-    ] = 8,
+    ] = 12,
     device: DeviceOption = "auto",
     seed: Annotated[int, typer.Option(help="Seed of every random stream.")] = 0,
     verbose: VerboseOption = False,

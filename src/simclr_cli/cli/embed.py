@@ -55,8 +55,8 @@ def embed_command(
     ] = 256,
     device: DeviceOption = "auto",
     precision: Annotated[
-        str, typer.Option(help="fp32, bf16 or fp16 (auto: as for training).")
-    ] = "fp32",
+        str, typer.Option(help="auto (bf16/fp16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16.")
+    ] = "auto",
     workers: WorkersOption = None,
     strict: StrictOption = False,
     max_pixels: MaxPixelsOption = None,

@@ -17,6 +17,7 @@ from simclr_cli.cli._common import (
     given,
     user_errors,
 )
+from simclr_cli.errors import ConfigError
 
 if TYPE_CHECKING:
     from simclr_cli.engine.pretrain import PretrainResult
@@ -230,6 +231,8 @@ def pretrain_command(
     )
     with user_errors():
         if resume is not None:
+            if out is not None:
+                raise ConfigError("--resume continues a run in its own folder; drop -o/--out")
             config = resume_config(
                 resume, data=data, changed={**augment, **model, **optim}, **train
             )
@@ -246,14 +249,14 @@ def pretrain_command(
             )
         result = pretrain(config, reporter=make_reporter(quiet=quiet), resume=resume is not None)
     _render(result)
+    if result.interrupted:
+        raise typer.Exit(code=130)  # like any program stopped by Ctrl-C: scripts must not go on
 
 
 def _required(data: Path | None) -> str:
-    from simclr_cli.errors import ConfigError
-
     if data is None:
         raise ConfigError("give the folder of images to train on (or --resume RUN)")
-    return str(data)
+    return str(data.absolute())  # the run may later be resumed from another directory
 
 
 def _default_out(data: Path | None) -> Path:
@@ -267,8 +270,8 @@ def _render(result: PretrainResult) -> None:
     console = output_console()
     state = "interrupted" if result.interrupted else "finished"
     console.print(
-        f"{state}: {result.step} steps, {result.epochs_completed} epochs, "
-        f"final loss {result.final_loss:.4f}, {result.num_images} images "
+        f"{state}: {result.step} steps, {result.epochs_completed} epoch(s), "
+        f"last epoch's mean loss {result.final_loss:.4f}, {result.num_images} images "
         f"({len(result.skipped)} skipped) in {result.seconds / 60:.1f} min",
         highlight=False,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from simclr_cli.data.images import scan_images
@@ -28,6 +29,7 @@ def scan_labeled(root: Path, *, class_names: list[str] | None = None) -> Labeled
         class_names: A class list to reuse (so train and test share one mapping); images of
             classes outside it are an error.
     """
+    root = Path(os.path.abspath(root))  # scan_images returns absolute paths
     found = scan_images(root)
     by_class: dict[str, list[Path]] = {}
     for path in found:

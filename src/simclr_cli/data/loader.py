@@ -63,9 +63,13 @@ def default_num_workers() -> int:
 
 
 def batches_per_epoch(num_images: int, batch_size: int) -> int:
-    """Full batches plus a short last one, unless it would hold a single image (no negative)."""
-    full, remainder = divmod(num_images, batch_size)
-    return full + (1 if remainder >= 2 else 0)
+    """Full batches only; a folder smaller than one batch gives one batch of everything.
+
+    A short last batch has fewer negatives, so its loss is not comparable (and a batch of one
+    has none). The order is reshuffled every epoch, so the images left over in one epoch are
+    used in others.
+    """
+    return max(1, num_images // batch_size)
 
 
 class _CanvasDataset(Dataset[tuple[int, np.ndarray | None, tuple[int, int], str]]):
@@ -155,6 +159,11 @@ class ImageBatches:
             indices[filled:end] = batch.indices
             filled = end
         self._cache = CanvasBatch(indices[:filled], canvases[:filled], sizes[:filled])
+
+    @property
+    def cached(self) -> bool:
+        """Whether every image was decoded into RAM (and bad files are already known)."""
+        return self._cache is not None
 
     @property
     def readable_indices(self) -> torch.Tensor:

@@ -25,6 +25,8 @@ from simclr_cli.models.export import LoadedModel, load_model
 
 __all__ = ["DemoResult", "demo_config", "run_demo"]
 
+CROP_MIN_AREA = 0.2
+
 
 @dataclass(frozen=True)
 class DemoResult:
@@ -50,18 +52,24 @@ def demo_config(
 ) -> RunConfig:
     """A configuration sized for a few minutes on two CPU cores.
 
-    Digits are small and mirrored digits are other symbols, so the views use 32 px, no flip
-    and a gentler crop (20-100% of the area) than the photo defaults.
+    Digits are small, grey, and mirrored digits are other symbols, so the views are 16 px
+    (a quarter of the compute of 32 px), never flipped, with half-strength jitter and crops of
+    CROP_MIN_AREA-100% of the image. In short runs AdamW at a fixed 1e-3 learned far faster than
+    LARS at the paper's rate (kNN 92.5% vs 86.2% on the held-out digits here after 4-8
+    epochs), and temperature 0.2 did slightly better than 0.1 and 0.5 (benchmarks: see
+    docs/demo.md).
     """
     return RunConfig(
-        augment=AugmentConfig(image_size=32, crop_area=(0.2, 1.0), flip_prob=0.0),
+        augment=AugmentConfig(
+            image_size=16, crop_area=(CROP_MIN_AREA, 1.0), flip_prob=0.0, jitter_strength=0.5
+        ),
         model=ModelConfig(arch="resnet18"),
-        optim=OptimConfig(optimizer="lars", warmup_epochs=1),
+        optim=OptimConfig(optimizer="adamw", base_lr=1e-3, lr_scaling="none", warmup_epochs=1),
         train=TrainConfig(
             data_dir=str(train_dir),
             out_dir=str(run_dir),
             epochs=epochs,
-            global_batch_size=256,
+            global_batch_size=128,
             temperature=0.2,
             seed=seed,
             device=device,
@@ -72,13 +80,14 @@ def demo_config(
 def run_demo(
     out_dir: Path,
     *,
-    epochs: int = 8,
+    epochs: int = 12,
     device: str = "auto",
     seed: int = 0,
     reporter: Reporter | None = None,
 ) -> DemoResult:
     """Lay out the digits, pretrain, and compare kNN accuracy with the random initialisation."""
     reporter = reporter or NullReporter()
+    out_dir = out_dir.absolute()  # the run config records where its data lives
     train_dir, test_dir = write_mnist_folders(out_dir / "mnist")
     run_dir = out_dir / f"run-seed{seed}-{epochs}ep"
     config = demo_config(train_dir, run_dir, epochs=epochs, device=device, seed=seed)

@@ -92,7 +92,7 @@ class EmbedOptions:
     """How `embed_folder` runs and what it writes."""
 
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     batch_size: int = 256
     num_workers: int | None = None
     projection: bool = False
@@ -118,9 +118,8 @@ def embed_folder(
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)
     model = load_model(model_path)
-    paths = scan_images(
-        data_dir, exclude=[out_path.parent] if _inside(out_path.parent, data_dir) else []
-    )
+    # Only the tool's own run folders are left out; embed outputs are not images anyway.
+    paths = scan_images(data_dir)
     if not paths:
         raise DataError(f"{data_dir}: no images found (looked for common image extensions)")
     skip_log = SkipLog(strict=options.strict)
@@ -132,26 +131,30 @@ def embed_folder(
         skip_log=skip_log,
         max_pixels=options.max_pixels,
     )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    rows_written, dim = _write_rows(
-        model,
-        data,
-        out_path,
-        options=options,
-        device=device,
-        precision=precision,
-        reporter=reporter,
-    )
-    manifest = _write_manifest(out_path, paths, rows_written, skip_log)
-    _write_meta(
-        out_path,
-        model_path=model_path,
-        data_dir=data_dir,
-        options=options,
-        rows=len(rows_written),
-        dim=dim,
-        skipped=skip_log.count,
-    )
+    _check_writable(out_path)
+    try:
+        rows_written, dim = _write_rows(
+            model,
+            data,
+            out_path,
+            options=options,
+            device=device,
+            precision=precision,
+            reporter=reporter,
+        )
+        manifest = _write_manifest(out_path, paths, rows_written, skip_log)
+        _write_meta(
+            out_path,
+            model_path=model_path,
+            data_dir=data_dir,
+            options=options,
+            rows=len(rows_written),
+            dim=dim,
+            skipped=skip_log.count,
+        )
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(f"could not write the embeddings to {out_path}: {reason}") from None
     return EmbedResult(
         out_path,
         manifest,
@@ -162,12 +165,16 @@ def embed_folder(
     )
 
 
-def _inside(child: Path, parent: Path) -> bool:
+def _check_writable(out_path: Path) -> None:
+    """Fail before any work if the output folder cannot be created or written."""
     try:
-        child.resolve().relative_to(parent.resolve())
-    except ValueError:
-        return False
-    return True
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        probe = out_path.with_name(f".{out_path.name}.write-test")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(f"cannot write {out_path}: {reason}") from None
 
 
 def _write_rows(
@@ -254,8 +261,8 @@ def _write_meta(
     meta = {
         "array": out_path.name,
         "manifest": out_path.with_suffix(".manifest.csv").name,
-        "model": str(model_path),
-        "data_dir": str(data_dir),
+        "model": str(model_path.absolute()),
+        "data_dir": str(data_dir.absolute()),
         "output": "projection" if options.projection else "features",
         "l2_normalized": options.l2_normalize,
         "rows": rows,

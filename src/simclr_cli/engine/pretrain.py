@@ -25,7 +25,16 @@ import torch
 
 from simclr_cli import __version__
 from simclr_cli.checkpoint import load_checkpoint, save_checkpoint, save_exported_model
-from simclr_cli.config import RunConfig, TrainConfig, decode_size, resolved_lr, warmup_steps
+from simclr_cli.config import (
+    RunConfig,
+    TrainConfig,
+    blur_probability,
+    decode_size,
+    resolved_lr,
+    resolved_weight_decay,
+    uses_small_stem,
+    warmup_steps,
+)
 from simclr_cli.data.augment import make_views
 from simclr_cli.data.images import RUN_MARKER, scan_images
 from simclr_cli.data.loader import ImageBatches, SkipLog, batches_per_epoch, default_num_workers
@@ -59,7 +68,6 @@ RESUMABLE_FIELDS = frozenset(
         "log_every_steps",
         "strict",
         "max_pixels",
-        "out_dir",
     }
 )
 
@@ -92,7 +100,7 @@ class _Loop:
     images_per_s: float = 0.0
     dataset: dict[str, Any] = field(default_factory=dict)  # size and fingerprint of the images
     interrupted: bool = False
-    epoch_losses: list[float] = field(default_factory=list)
+    epoch_mean_loss: float = math.nan
 
 
 def resume_config(
@@ -114,18 +122,26 @@ def resume_config(
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: not a run folder (no {RUN_CONFIG_NAME})")
     saved = RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    refused = sorted(set(changed or {}) | (set(overrides) - RESUMABLE_FIELDS))
+    saved_values = {k: v for part in saved.to_dict().values() for k, v in part.items()}
+    asked = {**(changed or {}), **overrides}
+    # Repeating a run's own value is harmless; only real changes outside the safe set count.
+    refused = sorted(
+        name
+        for name, value in asked.items()
+        if name not in RESUMABLE_FIELDS and _plain(value) != _plain(saved_values.get(name))
+    )
     if refused:
         raise ConfigError(
             f"cannot change {', '.join(refused)} when resuming: that would silently change the "
-            "run; start a new run instead (resume may change "
-            f"{', '.join(sorted(RESUMABLE_FIELDS))})"
+            "run; start a new run instead (resume may change --epochs, --device, --workers, "
+            "--cache-limit-gb, --checkpoint-minutes, --strict and --max-pixels)"
         )
     if data is not None and Path(data).resolve() != Path(saved.train.data_dir).resolve():
         raise ConfigError(
             f"this run trains on {saved.train.data_dir}, not {data}; omit the folder when resuming"
         )
-    train = replace(saved.train, out_dir=str(run_dir), **overrides)
+    safe = {k: v for k, v in overrides.items() if k in RESUMABLE_FIELDS}
+    train = replace(saved.train, out_dir=str(run_dir), **safe)
     return replace(saved, train=train)
 
 
@@ -139,7 +155,6 @@ def pretrain(
     precision = resolve_precision(config.train.precision, device)
     run_dir = Path(config.train.out_dir)
     paths = _scan(config.train, run_dir)
-    run_dir = _prepare_run_dir(config, resume=resume)
     reporter.message(_banner(config, device=device, precision=precision, run_dir=run_dir))
     skip_log = SkipLog(strict=config.train.strict)
     data = _prepare_data(
@@ -149,12 +164,16 @@ def pretrain(
         skip_log=skip_log,
         reporter=reporter,
     )
+    run_dir = _prepare_run_dir(config, resume=resume)  # only once the data is known to be usable
     num_images = len(data.readable_indices)
     loop = _build_loop(config, device, precision)
     loop.dataset = _dataset_identity(data, config.train.data_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     if resume:
         _restore(loop, config, run_dir, metrics, reporter)
+    metrics.append(
+        _start_record(config, device=device, precision=precision, loop=loop, num_images=num_images)
+    )
 
     with _stop_on_signal(loop):
         _train(
@@ -174,7 +193,7 @@ def pretrain(
             "epochs": config.train.epochs,
             "steps": loop.step,
             "images": num_images,
-            "final_loss": loop.last_loss,
+            "final_loss": loop.epoch_mean_loss,
             "batch_size": config.train.global_batch_size,
             "temperature": config.train.temperature,
             "dataset": config.train.data_dir,
@@ -184,8 +203,8 @@ def pretrain(
         run_dir=run_dir,
         step=loop.step,
         epochs_completed=loop.epoch,
-        final_loss=loop.last_loss,
-        num_images=num_images,
+        final_loss=loop.epoch_mean_loss,
+        num_images=num_images if data.cached else num_images - skip_log.count,
         skipped=dict(skip_log.skipped),
         interrupted=loop.interrupted,
         seconds=time.monotonic() - started,
@@ -219,6 +238,30 @@ def _scan(train: TrainConfig, run_dir: Path) -> list[Path]:
     if not paths:
         raise DataError(f"{train.data_dir}: no images found (looked for common image extensions)")
     return paths
+
+
+def _start_record(
+    config: RunConfig, *, device: torch.device, precision: Precision, loop: _Loop, num_images: int
+) -> dict[str, Any]:
+    """What `auto` and unset options resolved to, logged each time the run starts or resumes."""
+    steps_per_epoch = batches_per_epoch(num_images, config.train.global_batch_size)
+    return {
+        "kind": "start",
+        "step": loop.step,
+        "simclr_version": __version__,
+        "torch_version": torch.__version__,
+        "device": str(device),
+        "precision": precision.name,
+        "images": num_images,
+        "steps_per_epoch": steps_per_epoch,
+        "peak_lr": resolved_lr(config.optim, config.train.global_batch_size),
+        "weight_decay": resolved_weight_decay(config.optim),
+        "warmup_steps": warmup_steps(
+            config.optim, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch
+        ),
+        "blur_prob": blur_probability(config.augment),
+        "small_stem": uses_small_stem(config.model, config.augment.image_size),
+    }
 
 
 def _banner(config: RunConfig, *, device: torch.device, precision: Precision, run_dir: Path) -> str:
@@ -331,8 +374,16 @@ def _restore(
     if loop.scaler is not None and state.get("scaler"):
         loop.scaler.load_state_dict(state["scaler"])
     loop.step, loop.epoch = int(state["step"]), int(state["epoch"])
+    if loop.epoch > config.train.epochs or (
+        loop.epoch == config.train.epochs and int(state["batch_in_epoch"]) > 0
+    ):
+        raise ConfigError(
+            f"{run_dir} has already trained {loop.epoch} epochs; --epochs {config.train.epochs} "
+            "would end it before its own checkpoint. Ask for more epochs, or none to finish"
+        )
     loop.batch_in_epoch = int(state["batch_in_epoch"])
     loop.last_loss = float(state.get("last_loss", math.nan))
+    loop.epoch_mean_loss = float(state.get("epoch_mean_loss", math.nan))
     metrics.truncate_after(loop.step)
     reporter.message(
         f"resumed at step {loop.step} (epoch {loop.epoch + 1}, batch {loop.batch_in_epoch})"
@@ -481,7 +532,6 @@ def _step(
 
     _backward_and_update(loop, loss)
     loop.last_loss = float(loss.detach())
-    loop.epoch_losses.append(loop.last_loss)
     loop.step += 1
     loop.batch_in_epoch += 1
     loop.images_per_s = half / max(time.perf_counter() - started, 1e-9)
@@ -521,10 +571,14 @@ def _finish_epoch(
     loop: _Loop, config: RunConfig, run_dir: Path, metrics: MetricsLog, reporter: Reporter
 ) -> None:
     """Summarise the epoch, checkpoint, and redraw the loss curve."""
-    mean_loss = sum(loop.epoch_losses) / max(len(loop.epoch_losses), 1)
+    # From the log, not memory: an epoch interrupted and resumed still averages all its steps.
+    losses = [
+        r["loss"] for r in metrics.read() if r["kind"] == "step" and r["epoch"] == loop.epoch + 1
+    ]
+    mean_loss = sum(losses) / max(len(losses), 1)
     loop.epoch += 1
     loop.batch_in_epoch = 0
-    loop.epoch_losses.clear()
+    loop.epoch_mean_loss = mean_loss
     metrics.append({"kind": "epoch", "step": loop.step, "epoch": loop.epoch, "loss": mean_loss})
     _save(loop, config, run_dir)
     plot_loss_curve(metrics.read(), run_dir / "loss.png")
@@ -545,6 +599,7 @@ def _save(loop: _Loop, config: RunConfig, run_dir: Path) -> None:
         "epoch": loop.epoch,
         "batch_in_epoch": loop.batch_in_epoch,
         "last_loss": loop.last_loss,
+        "epoch_mean_loss": loop.epoch_mean_loss,
         "dataset": loop.dataset,
     }
     try:
