@@ -50,14 +50,11 @@ class DemoResult:
 def demo_config(
     train_dir: Path, run_dir: Path, *, epochs: int, device: str, seed: int
 ) -> RunConfig:
-    """A configuration sized for a few minutes on two CPU cores.
+    """A configuration sized for a few minutes on two CPU cores (benchmarks: docs/demo.md).
 
-    Digits are small, grey, and mirrored digits are other symbols, so the views are 16 px
-    (a quarter of the compute of 32 px), never flipped, with half-strength jitter and crops of
-    CROP_MIN_AREA-100% of the image. In short runs AdamW at a fixed 1e-3 learned far faster than
-    LARS at the paper's rate (kNN 92.5% vs 86.2% on the held-out digits here after 4-8
-    epochs), and temperature 0.2 did slightly better than 0.1 and 0.5 (benchmarks: see
-    docs/demo.md).
+    Digits are small and grey, and a mirrored digit is another symbol: the views are 16 px,
+    never flipped, with half-strength colour jitter and crops of 20-100% of the image. In runs
+    this short AdamW at a fixed 1e-3 learned far faster than LARS at the paper's rate.
     """
     return RunConfig(
         augment=AugmentConfig(
