@@ -15,7 +15,7 @@ from torch import nn
 
 from simclr_cli.errors import ConfigError
 
-__all__ = ["Backbone", "build_backbone", "feature_dim"]
+__all__ = ["Backbone", "feature_dim"]
 
 _FEATURE_DIMS = {
     "resnet18": 512,
@@ -57,8 +57,3 @@ class Backbone(nn.Module):
         """Pooled features, (B, feature_dim)."""
         features: torch.Tensor = self.resnet(images)
         return features
-
-
-def build_backbone(arch: str, *, small_stem: bool) -> Backbone:
-    """Construct a randomly initialised encoder."""
-    return Backbone(arch, small_stem=small_stem)
