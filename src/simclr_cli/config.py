@@ -140,7 +140,6 @@ class TrainConfig:
     num_workers: int | None = None  # None: chosen from the CPU count
     cache_limit_gb: float = 4.0  # decoded images are kept in RAM when they fit in this much
     checkpoint_minutes: float = 10.0
-    log_every_steps: int = 10
     strict: bool = False
     max_pixels: int | None = None  # None: Pillow's decompression-bomb limit (about 179 MP)
 
@@ -155,7 +154,6 @@ class TrainConfig:
         _check(self.num_workers is None or self.num_workers >= 0, "workers must be >= 0")
         _check(self.cache_limit_gb >= 0, "cache limit must be >= 0")
         _check(self.checkpoint_minutes > 0, "checkpoint interval must be positive")
-        _check(self.log_every_steps >= 1, "log interval must be at least 1 step")
         _check(self.max_pixels is None or self.max_pixels >= 1, "max pixels must be positive")
         _check(
             self.precision in ("auto", "fp32", "bf16", "fp16"),

@@ -65,7 +65,6 @@ RESUMABLE_FIELDS = frozenset(
         "num_workers",
         "cache_limit_gb",
         "checkpoint_minutes",
-        "log_every_steps",
         "strict",
         "max_pixels",
     }
