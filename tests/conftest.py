@@ -69,3 +69,39 @@ def few_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def digits_test_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """100 other real digits, 10 per class."""
     return write_digits(tmp_path_factory.mktemp("digits_test"), per_class=10, offset=400)
+
+
+@pytest.fixture(autouse=True)
+def _private_feature_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+):
+    # Evaluation caches features; tests must never write into the user's own cache folder.
+    monkeypatch.setenv("SIMCLR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "feature-cache"))
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 16 px ResNet-18 encoder exported like a finished run."""
+    from simclr_cli.checkpoint import save_exported_model
+    from simclr_cli.config import AugmentConfig, RunConfig
+    from simclr_cli.engine.pretrain import initial_model
+    from simclr_cli.models.export import export_config
+
+    config = RunConfig(augment=AugmentConfig(image_size=16))
+    model = initial_model(config)
+    assert model.projection_head is not None
+    state = {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}
+    state.update({f"projection_head.{k}": v for k, v in model.projection_head.state_dict().items()})
+    folder = tmp_path_factory.mktemp("encoder")
+    save_exported_model(folder, state, export_config(config, {}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def photo_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-image's cat photo (public domain) as a JPEG."""
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("photo") / "chelsea.jpg"
+    Image.fromarray(data.chelsea()).save(path, quality=92)
+    return path

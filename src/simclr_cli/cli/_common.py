@@ -56,3 +56,13 @@ MaxPixelsOption = Annotated[
         "(default: Pillow's limit, about 179 million); raise it to admit huge scans.",
     ),
 ]
+
+ModelOption = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Run folder, or a folder with model.safetensors + config.json.",
+        show_default=False,
+    ),
+]

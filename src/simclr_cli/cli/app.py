@@ -13,7 +13,11 @@ import typer
 from simclr_cli import __version__
 from simclr_cli.cli.demo import demo_command
 from simclr_cli.cli.embed import embed_command
+from simclr_cli.cli.eval import eval_command
+from simclr_cli.cli.finetune import finetune_command
+from simclr_cli.cli.predict import predict_command
 from simclr_cli.cli.pretrain import pretrain_command
+from simclr_cli.cli.preview import augment_preview_command
 
 app = typer.Typer(
     name="simclr",
@@ -25,6 +29,10 @@ app = typer.Typer(
 )
 app.command("pretrain")(pretrain_command)
 app.command("embed")(embed_command)
+app.command("eval")(eval_command)
+app.command("finetune")(finetune_command)
+app.command("predict")(predict_command)
+app.command("augment-preview")(augment_preview_command)
 app.command("demo")(demo_command)
 
 

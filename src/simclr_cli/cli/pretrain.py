@@ -8,6 +8,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from simclr_cli.cli._augment import (
+    BlurProbOption,
+    CropMinAreaOption,
+    FlipProbOption,
+    ImageSizeOption,
+    JitterStrengthOption,
+    augment_choices,
+)
 from simclr_cli.cli._common import (
     MaxPixelsOption,
     QuietOption,
@@ -22,7 +30,6 @@ from simclr_cli.errors import ConfigError
 if TYPE_CHECKING:
     from simclr_cli.engine.pretrain import PretrainResult
 
-_AUGMENT = "Augmentation"
 _MODEL = "Model"
 _OPTIM = "Optimisation"
 _RUN = "Run"
@@ -87,41 +94,11 @@ def pretrain_command(
             help="Also checkpoint this often within an epoch (default: 10).", rich_help_panel=_RUN
         ),
     ] = None,
-    image_size: Annotated[
-        int | None,
-        typer.Option(
-            help="Training resolution (default: 224; use 32-96 for small images or CPUs).",
-            rich_help_panel=_AUGMENT,
-        ),
-    ] = None,
-    crop_min_area: Annotated[
-        float | None,
-        typer.Option(
-            help="Smallest crop, as a fraction of the image (default: 0.08).",
-            rich_help_panel=_AUGMENT,
-        ),
-    ] = None,
-    flip_prob: Annotated[
-        float | None,
-        typer.Option(
-            help="Horizontal flip probability (default: 0.5; 0 for text or digits).",
-            rich_help_panel=_AUGMENT,
-        ),
-    ] = None,
-    jitter_strength: Annotated[
-        float | None,
-        typer.Option(
-            help="Colour jitter strength s (default: 1.0; the paper uses 0.5 on CIFAR-10).",
-            rich_help_panel=_AUGMENT,
-        ),
-    ] = None,
-    blur_prob: Annotated[
-        float | None,
-        typer.Option(
-            help="Gaussian blur probability (default: 0.5 above 64 px, else 0).",
-            rich_help_panel=_AUGMENT,
-        ),
-    ] = None,
+    image_size: ImageSizeOption = None,
+    crop_min_area: CropMinAreaOption = None,
+    flip_prob: FlipProbOption = None,
+    jitter_strength: JitterStrengthOption = None,
+    blur_prob: BlurProbOption = None,
     arch: Annotated[
         str | None,
         typer.Option(
@@ -196,12 +173,12 @@ def pretrain_command(
     from simclr_cli.engine.pretrain import pretrain, resume_config
 
     setup_logging(verbose=verbose, quiet=quiet)
-    augment = given(
+    augment = augment_choices(
         image_size=image_size,
+        crop_min_area=crop_min_area,
         flip_prob=flip_prob,
         jitter_strength=jitter_strength,
         blur_prob=blur_prob,
-        crop_area=(crop_min_area, 1.0) if crop_min_area else None,
     )
     model = given(
         arch=arch,

@@ -10,14 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-
 from simclr_cli.config import AugmentConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from simclr_cli.data.builtin import MNIST_ATTRIBUTION, write_mnist_folders
-from simclr_cli.data.labeled import scan_labeled
-from simclr_cli.data.loader import ImageBatches, SkipLog, default_num_workers
+from simclr_cli.data.labeled import align_classes, scan_labeled
 from simclr_cli.device import resolve_device, resolve_precision
-from simclr_cli.engine.embed import encode
+from simclr_cli.engine.features import labeled_features
 from simclr_cli.engine.knn import knn_top1
 from simclr_cli.engine.pretrain import initial_model, pretrain
 from simclr_cli.engine.progress import NullReporter, Reporter
@@ -123,17 +120,17 @@ def _knn_accuracy(
     """Weighted kNN (k=20, t=0.1) of the test digits against the training digits."""
     torch_device = resolve_device(device)
     precision = resolve_precision("fp32", torch_device)
-    train = scan_labeled(train_dir)
-    test = scan_labeled(test_dir, class_names=train.class_names)
-    features = []
-    for split in (train, test):
-        data = ImageBatches(
-            split.paths,
-            canvas_size=int(model.config["preprocessing"]["decode_size"]),
-            num_workers=default_num_workers(),
-            skip_log=SkipLog(),
+    train, test, _ = align_classes(scan_labeled(train_dir), scan_labeled(test_dir))
+    bank, queries = (
+        labeled_features(
+            split, model=model, kind="encoder", device=torch_device, precision=precision
         )
-        rows, indices = encode(model, data, device=torch_device, precision=precision)
-        features.append((rows, torch.tensor(split.labels)[indices]))
-    (bank, bank_labels), (queries, query_labels) = features
-    return knn_top1(bank, bank_labels, queries, query_labels, num_classes=len(train.class_names))
+        for split in (train, test)
+    )
+    return knn_top1(
+        bank.features,
+        bank.labels,
+        queries.features,
+        queries.labels,
+        num_classes=len(train.class_names),
+    )

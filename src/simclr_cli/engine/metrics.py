@@ -43,7 +43,13 @@ class MetricsLog:
         self.path.write_text(text, encoding="utf-8")
 
 
-def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:
+def plot_loss_curve(
+    records: list[dict[str, Any]],
+    path: Path,
+    *,
+    title: str = "SimCLR pretraining",
+    loss_name: str = "NT-Xent loss",
+) -> None:
     """Draw loss (raw and smoothed) and learning rate against the step into a PNG."""
     steps = [r for r in records if r.get("kind") == "step"]
     if not steps:
@@ -63,7 +69,7 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:
     loss_axis.plot(x, loss, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
     loss_axis.plot(x, smoothed, color="tab:blue", linewidth=2, label="loss (smoothed)")
     loss_axis.set_xlabel("step")
-    loss_axis.set_ylabel("NT-Xent loss")
+    loss_axis.set_ylabel(loss_name)
     loss_axis.grid(alpha=0.3)
     lr_axis = loss_axis.twinx()
     lr_axis.plot(
@@ -72,7 +78,7 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:
     lr_axis.set_ylabel("learning rate", color="tab:orange")
     lines = loss_axis.get_lines() + lr_axis.get_lines()
     loss_axis.legend(lines, [str(line.get_label()) for line in lines], loc="upper right")
-    loss_axis.set_title("SimCLR pretraining")
+    loss_axis.set_title(title)
     figure.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(tmp)

@@ -13,10 +13,7 @@ import json
 import logging
 import math
 import os
-import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +36,7 @@ from simclr_cli.data.augment import make_views
 from simclr_cli.data.images import RUN_MARKER, scan_images
 from simclr_cli.data.loader import ImageBatches, SkipLog, batches_per_epoch, default_num_workers
 from simclr_cli.device import Precision, autocast, resolve_device, resolve_precision
+from simclr_cli.engine.interrupts import stop_on_signal
 from simclr_cli.engine.metrics import MetricsLog, plot_loss_curve
 from simclr_cli.engine.progress import NullReporter, Reporter
 from simclr_cli.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
@@ -174,7 +172,7 @@ def pretrain(
         _start_record(config, device=device, precision=precision, loop=loop, num_images=num_images)
     )
 
-    with _stop_on_signal(loop):
+    with stop_on_signal(loop):
         _train(
             loop,
             config,
@@ -407,29 +405,6 @@ def _check_same_run(saved: dict[str, Any], config: RunConfig, path: Path) -> Non
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
-
-
-@contextmanager
-def _stop_on_signal(loop: _Loop) -> Iterator[None]:
-    """Ctrl-C or SIGTERM asks the loop to checkpoint and stop; a second Ctrl-C aborts."""
-
-    def request_stop(signum: int, frame: object) -> None:
-        if loop.interrupted:
-            raise KeyboardInterrupt
-        loop.interrupted = True
-
-    try:
-        previous = {
-            sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
-    except ValueError:  # not the main thread: signals cannot be caught here
-        yield
-        return
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _train(

@@ -69,8 +69,9 @@ class LoadedModel:
         return int(self.config["image_size"])
 
 
-def load_model(path: Path) -> LoadedModel:
+def load_model(path: Path | str) -> LoadedModel:
     """Load an exported model folder, or the latest checkpoint of a run folder."""
+    path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such model folder")
     if path.is_file() and path.name == MODEL_WEIGHTS_NAME:

@@ -1,0 +1,39 @@
+"""Ctrl-C and SIGTERM as a request to checkpoint and stop, for every training loop."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+__all__ = ["Interruptible", "stop_on_signal"]
+
+
+class Interruptible(Protocol):
+    """A loop state with a flag the loop checks after each step."""
+
+    interrupted: bool
+
+
+@contextmanager
+def stop_on_signal(loop: Interruptible) -> Iterator[None]:
+    """Ctrl-C or SIGTERM sets `loop.interrupted`; a second Ctrl-C aborts at once."""
+
+    def request_stop(signum: int, frame: object) -> None:
+        if loop.interrupted:
+            raise KeyboardInterrupt
+        loop.interrupted = True
+
+    try:
+        previous = {
+            sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+    except ValueError:  # not the main thread: signals cannot be caught here
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
