@@ -10,6 +10,7 @@ from simclr_cli.checkpoint import save_exported_model
 from simclr_cli.config import AugmentConfig, RunConfig
 from simclr_cli.engine.embed import EmbedOptions, embed_folder
 from simclr_cli.engine.pretrain import initial_model
+from simclr_cli.engine.progress import NullReporter
 from simclr_cli.errors import CheckpointError, ConfigError, DataError
 from simclr_cli.models.export import export_config
 
@@ -122,3 +123,64 @@ def test_unwritable_output_is_a_clear_error(
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="cannot write"):
         embed_folder(few_digits, model_dir, blocker / "v.npy")
+
+
+class StopAfter(NullReporter):
+    """Raises KeyboardInterrupt (as Ctrl-C would) once `files` files are done."""
+
+    def __init__(self, files: int) -> None:
+        self.files = files
+
+    def advance(self, *, completed: int, metrics: dict[str, float]) -> None:
+        if completed >= self.files:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_embed_continues_where_it_stopped(
+    few_digits: Path, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C after two batches keeps their rows; the same call again embeds only the rest and
+    # ends with exactly the file a straight run writes. Rows past the record (a kill between
+    # two progress saves) are overwritten, never trusted.
+    monkeypatch.setattr("simclr_cli.engine.embed._PROGRESS_SECONDS", 0.0)
+    folder = tmp_path / "digits"
+    shutil.copytree(few_digits, folder)
+    (folder / "3" / "zz-broken.png").write_bytes(b"\x89PNG broken")
+    options = EmbedOptions(batch_size=16, num_workers=0, device="cpu")
+    straight = embed_folder(folder, model_dir, tmp_path / "straight.npy", options=options)
+    out = tmp_path / "resumed.npy"
+    with pytest.raises(KeyboardInterrupt):
+        embed_folder(folder, model_dir, out, options=options, reporter=StopAfter(32))
+    partial = np.load(tmp_path / ".resumed.npy.partial.npy", mmap_mode="r+")
+    progress = json.loads((tmp_path / ".resumed.npy.progress.json").read_text())
+    assert progress["files_done"] == 32 and not out.exists()
+    partial[progress["rows"] :] = np.nan  # what a kill mid-batch could leave behind
+    partial.flush()
+    del partial
+
+    class Count(NullReporter):
+        first = None
+
+        def start(self, **kwargs: object) -> None:
+            Count.first = kwargs.get("completed")
+
+    resumed = embed_folder(folder, model_dir, out, options=options, reporter=Count())
+    assert Count.first == 32
+    assert np.array_equal(np.load(out), np.load(straight.array_path))
+    assert read_manifest(out.with_suffix(".manifest.csv")) == read_manifest(straight.manifest_path)
+    assert resumed.skipped == straight.skipped and len(resumed.skipped) == 1
+    assert not (tmp_path / ".resumed.npy.progress.json").exists()
+
+
+def test_progress_of_another_model_is_not_reused(
+    few_digits: Path, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("simclr_cli.engine.embed._PROGRESS_SECONDS", 0.0)
+    options = EmbedOptions(batch_size=16, num_workers=0, device="cpu")
+    out = tmp_path / "v.npy"
+    with pytest.raises(KeyboardInterrupt):
+        embed_folder(few_digits, model_dir, out, options=options, reporter=StopAfter(16))
+    # Same output path, now with L2-normalised rows: the old rows must not be mixed in.
+    normalised = EmbedOptions(batch_size=16, num_workers=0, device="cpu", l2_normalize=True)
+    embed_folder(few_digits, model_dir, out, options=normalised)
+    assert np.allclose(np.linalg.norm(np.load(out), axis=1), 1.0, atol=1e-5)

@@ -8,9 +8,9 @@ import torch
 from simclr_cli.data.labeled import scan_labeled
 from simclr_cli.device import resolve_precision
 from simclr_cli.engine.evaluate import EvalOptions, evaluate
-from simclr_cli.engine.features import labeled_features, state_fingerprint
+from simclr_cli.engine.features import labeled_features
 from simclr_cli.errors import DataError
-from simclr_cli.models.export import load_model
+from simclr_cli.models.export import load_model, state_fingerprint
 
 CPU = torch.device("cpu")
 

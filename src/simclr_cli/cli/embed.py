@@ -64,7 +64,7 @@ def embed_command(
     quiet: QuietOption = False,
 ) -> None:
     """Embed every image in a folder; rows follow the manifest, in the folder's sorted order."""
-    from simclr_cli.console import make_reporter, output_console, setup_logging
+    from simclr_cli.console import error_console, make_reporter, output_console, setup_logging
     from simclr_cli.engine.embed import EmbedOptions, embed_folder
 
     setup_logging(verbose=verbose, quiet=quiet)
@@ -79,9 +79,17 @@ def embed_command(
         max_pixels=max_pixels,
     )
     with user_errors():
-        result = embed_folder(
-            data, model, out, options=options, reporter=make_reporter(quiet=quiet)
-        )
+        try:
+            result = embed_folder(
+                data, model, out, options=options, reporter=make_reporter(quiet=quiet)
+            )
+        except KeyboardInterrupt:
+            error_console().print(
+                "interrupted: the rows done so far are kept; run the same command again to "
+                "continue",
+                highlight=False,
+            )
+            raise typer.Exit(code=130) from None
     output_console().print(
         f"wrote {result.rows} x {result.dim} float32 rows to {result.array_path} "
         f"({len(result.skipped)} skipped) in {result.seconds:.1f} s; "

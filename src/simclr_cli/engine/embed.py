@@ -8,25 +8,30 @@ the model, the feature kind and the counts.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from simclr_cli.checkpoint import atomic_write
 from simclr_cli.data.augment import center_view
 from simclr_cli.data.images import scan_images
 from simclr_cli.data.loader import ImageBatches, SkipLog, default_num_workers
 from simclr_cli.device import Precision, autocast, resolve_device, resolve_precision
 from simclr_cli.engine.progress import NullReporter, Reporter
 from simclr_cli.errors import ConfigError, DataError
-from simclr_cli.models.export import LoadedModel, load_model
+from simclr_cli.models.export import LoadedModel, load_model, state_fingerprint
 
 __all__ = ["EmbedOptions", "EmbedResult", "embed_folder", "encode", "iter_encoded"]
+
+_PROGRESS_SECONDS = 10.0  # how often an embedding records how far it got
 
 
 @dataclass(frozen=True)
@@ -50,8 +55,12 @@ def iter_encoded(
     precision: Precision,
     batch_size: int = 256,
     projection: bool = False,
+    start: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Per batch: (float32 rows (b, D) on the CPU, indices of their files in `data.paths`)."""
+    """Per batch: (float32 rows (b, D) on the CPU, indices of their files in `data.paths`).
+
+    `start` skips the first readable images (a resumed embedding).
+    """
     if projection and model.projection_head is None:
         raise ConfigError("this model has no projection head; embed its features instead")
     preprocessing = model.config["preprocessing"]
@@ -60,7 +69,7 @@ def iter_encoded(
     backbone = model.backbone.to(device).eval()
     head = model.projection_head.to(device).eval() if projection and model.projection_head else None
     total = len(data.readable_indices)
-    for batch in data.iterate(range(total), batch_size=batch_size):
+    for batch in data.iterate(range(start, total), batch_size=batch_size):
         images = center_view(batch.canvases.to(device), batch.sizes, size=model.image_size)
         images = ((images - mean) / std).contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
@@ -132,12 +141,14 @@ def embed_folder(
         max_pixels=options.max_pixels,
     )
     _check_writable(out_path)
+    identity = _identity(model, paths, options)
     try:
         rows_written, dim = _write_rows(
             model,
             data,
             out_path,
             options=options,
+            identity=identity,
             device=device,
             precision=precision,
             reporter=reporter,
@@ -165,6 +176,29 @@ def embed_folder(
     )
 
 
+def _identity(model: LoadedModel, paths: Sequence[Path], options: EmbedOptions) -> dict[str, Any]:
+    """What the rows depend on: exact weights, the files (path, size, time), the output kind."""
+    files = hashlib.sha256()
+    for path in paths:
+        try:
+            stat = path.stat()
+            stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+        except OSError:
+            stamp = "unreadable"
+        files.update(str(path).encode("utf-8", "surrogateescape") + b"\0" + stamp.encode())
+    weights = state_fingerprint(model.backbone)
+    if options.projection and model.projection_head is not None:
+        weights += "+" + state_fingerprint(model.projection_head)
+    return {
+        "progress_format": 1,
+        "weights_sha256": weights,
+        "files_sha256": files.hexdigest(),
+        "files": len(paths),
+        "projection": options.projection,
+        "l2_normalize": options.l2_normalize,
+    }
+
+
 def _check_writable(out_path: Path) -> None:
     """Fail before any work if the output folder cannot be created or written."""
     try:
@@ -183,53 +217,124 @@ def _write_rows(
     out_path: Path,
     *,
     options: EmbedOptions,
+    identity: dict[str, Any],
     device: torch.device,
     precision: Precision,
     reporter: Reporter,
 ) -> tuple[list[int], int]:
-    """Stream rows into a memory-mapped .npy; returns the file index of each row and the width."""
+    """Stream rows into a memory-mapped .npy; returns the file index of each row and the width.
+
+    Rows follow the files in order, so progress is "files done" plus the files skipped so far.
+    Both go into a small JSON beside the partial array every few seconds, after the array is
+    flushed; a run stopped at any moment (Ctrl-C, kill, power loss) restarts from its last
+    record when the same command is run again, and never mixes rows of another model, folder
+    or option set (the record names all three).
+    """
     dim = model.backbone.feature_dim
     if options.projection and model.projection_head is not None:
         dim = int(model.config["projection"]["dim"])
     tmp = out_path.with_name(f".{out_path.name}.partial.npy")
-    array = np.lib.format.open_memmap(
-        tmp, mode="w+", dtype=np.float32, shape=(len(data.paths), dim)
-    )
-    file_indices: list[int] = []
-    reporter.start(task="embed", total=len(data.paths), unit="image")
-    for rows, indices in iter_encoded(
-        model,
-        data,
-        device=device,
-        precision=precision,
-        batch_size=options.batch_size,
-        projection=options.projection,
-    ):
-        if options.l2_normalize:
-            rows = F.normalize(rows, dim=1)
-        array[len(file_indices) : len(file_indices) + len(rows)] = rows.numpy()
-        file_indices.extend(indices.tolist())
-        reporter.advance(completed=len(file_indices) + data.skip_log.count, metrics={})
-    reporter.stop()
+    progress_path = out_path.with_name(f".{out_path.name}.progress.json")
+    total = len(data.paths)
+    start_file, rows_done = _resumable_position(tmp, progress_path, identity, data, reporter)
+    if start_file == 0:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, dim))
+    else:
+        array = np.lib.format.open_memmap(tmp, mode="r+")
+    skipped_before = set(data.skip_log.skipped)
+    file_indices = [i for i in range(start_file) if str(data.paths[i]) not in skipped_before]
+    if len(file_indices) != rows_done:
+        raise DataError(f"{progress_path}: inconsistent progress record; delete it to start over")
+
+    def save_progress(files_done: int) -> None:
+        array.flush()  # rows first: a record never claims rows that are not on disk
+        record = {**identity, "files_done": files_done, "rows": len(file_indices)}
+        record["skipped"] = dict(data.skip_log.skipped)
+        text = json.dumps(record)
+        atomic_write(progress_path, lambda tmp_file: tmp_file.write_text(text, encoding="utf-8"))
+
+    reporter.start(task="embed", total=total, unit="image", completed=start_file)
+    files_done, last_save = start_file, time.monotonic()
+    try:
+        for rows, indices in iter_encoded(
+            model,
+            data,
+            device=device,
+            precision=precision,
+            batch_size=options.batch_size,
+            projection=options.projection,
+            start=start_file,
+        ):
+            if options.l2_normalize:
+                rows = F.normalize(rows, dim=1)
+            array[len(file_indices) : len(file_indices) + len(rows)] = rows.numpy()
+            file_indices.extend(indices.tolist())
+            # Files before the last row's file are settled, read or skipped.
+            files_done = int(indices[-1]) + 1
+            reporter.advance(completed=files_done, metrics={})
+            if time.monotonic() - last_save > _PROGRESS_SECONDS:
+                save_progress(files_done)
+                last_save = time.monotonic()
+    except BaseException:
+        # Ctrl-C or a failure: keep what is done, so running the command again continues.
+        if files_done > start_file:
+            save_progress(files_done)
+        raise
+    finally:
+        reporter.stop()
     array.flush()
     count = len(file_indices)
     if count == 0:
+        del array
         tmp.unlink(missing_ok=True)
-        raise DataError(f"none of the {len(data.paths)} image files could be read")
-    if count < len(data.paths):
+        progress_path.unlink(missing_ok=True)
+        raise DataError(f"none of the {total} image files could be read")
+    if count < total:
         # Skipped files left unused rows at the end; copy the used ones into an exact-size file.
         exact = out_path.with_name(f".{out_path.name}.exact.npy")
         final = np.lib.format.open_memmap(exact, mode="w+", dtype=np.float32, shape=(count, dim))
-        for start in range(0, count, 65536):
-            stop = min(start + 65536, count)
-            final[start:stop] = array[start:stop]
+        for begin in range(0, count, 65536):
+            stop = min(begin + 65536, count)
+            final[begin:stop] = array[begin:stop]
         final.flush()
         del final
+        del array
         tmp.unlink()
         tmp = exact
-    del array
+    else:
+        del array
     tmp.replace(out_path)
+    progress_path.unlink(missing_ok=True)
     return file_indices, dim
+
+
+def _resumable_position(
+    partial: Path,
+    progress_path: Path,
+    identity: dict[str, Any],
+    data: ImageBatches,
+    reporter: Reporter,
+) -> tuple[int, int]:
+    """(files done, rows done) of an earlier, matching run of this command; (0, 0) otherwise."""
+    if not (partial.is_file() and progress_path.is_file()):
+        return 0, 0
+    try:
+        record = json.loads(progress_path.read_text(encoding="utf-8"))
+        same = all(record.get(key) == value for key, value in identity.items())
+        files_done, rows = int(record["files_done"]), int(record["rows"])
+        skipped = {str(k): str(v) for k, v in record.get("skipped", {}).items()}
+        shape = np.load(partial, mmap_mode="r").shape
+    except (OSError, ValueError, KeyError, TypeError):
+        same, files_done, rows, skipped, shape = False, 0, 0, {}, (0, 0)
+    if not same or shape[0] != len(data.paths) or not 0 < files_done <= len(data.paths):
+        reporter.message("an unfinished embedding of other inputs was found; starting over")
+        return 0, 0
+    for path, reason in skipped.items():
+        data.skip_log.skipped.setdefault(path, reason)
+    reporter.message(
+        f"continuing an unfinished embedding: {files_done} of {len(data.paths)} files were done"
+    )
+    return files_done, rows
 
 
 def _write_manifest(

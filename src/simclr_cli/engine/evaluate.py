@@ -26,14 +26,13 @@ from simclr_cli.engine.features import (
     FeatureSet,
     default_cache_dir,
     labeled_features,
-    state_fingerprint,
 )
 from simclr_cli.engine.knn import knn_predict, topk_accuracy
 from simclr_cli.engine.linear_probe import DEFAULT_WEIGHT_DECAYS, select_and_fit
 from simclr_cli.engine.progress import NullReporter, Reporter
 from simclr_cli.errors import ConfigError, DataError, SimclrError
 from simclr_cli.models.backbone import Backbone
-from simclr_cli.models.export import LoadedModel, load_model
+from simclr_cli.models.export import LoadedModel, load_model, state_fingerprint
 from simclr_cli.seeding import derive_seed
 
 __all__ = ["BASELINES", "EvalOptions", "EvalResult", "evaluate", "random_init_like"]

@@ -27,14 +27,13 @@ from simclr_cli.data.loader import ImageBatches, SkipLog, default_num_workers
 from simclr_cli.device import Precision
 from simclr_cli.engine.embed import iter_encoded
 from simclr_cli.errors import DataError
-from simclr_cli.models.export import LoadedModel
+from simclr_cli.models.export import LoadedModel, state_fingerprint
 
 __all__ = [
     "FeatureSet",
     "PIXEL_BASELINE_SIZE",
     "default_cache_dir",
     "labeled_features",
-    "state_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,19 +62,6 @@ def default_cache_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("simclr-cli", appauthor=False))
-
-
-def state_fingerprint(module: torch.nn.Module) -> str:
-    """SHA-256 of every parameter and buffer, bit for bit, in name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(
-            name.encode() + str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode()
-        )
-        digest.update(
-            tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        )
-    return digest.hexdigest()
 
 
 def labeled_features(

@@ -129,6 +129,7 @@ class FinetuneResult:
 class _Loop:
     network: Classifier
     optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16 only: bf16 and fp32 need no loss scaling
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
@@ -201,7 +202,8 @@ def finetune(
 
     _prepare_run_dir(config, run_dir, resume=resume)
     network = _initial_network(config, pretrained.backbone, num_classes).to(device)
-    loop = _Loop(network=network, optimizer=_optimizer(config, network))
+    scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
+    loop = _Loop(network=network, optimizer=_optimizer(config, network), scaler=scaler)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     if resume:
         _restore(loop, config, run_dir, metrics, reporter)
@@ -325,6 +327,8 @@ def _restore(
     state = load_checkpoint(path)
     loop.network.load_state_dict(state["model"])
     loop.optimizer.load_state_dict(state["optimizer"])
+    if loop.scaler is not None and state.get("scaler"):
+        loop.scaler.load_state_dict(state["scaler"])
     loop.step, loop.epoch = int(state["step"]), int(state["epoch"])
     loop.batch_in_epoch = int(state["batch_in_epoch"])
     loop.last_loss = float(state.get("last_loss", math.nan))
@@ -451,8 +455,13 @@ def _step(
             "Try a lower --lr or --precision fp32"
         )
     loop.optimizer.zero_grad(set_to_none=True)
-    loss.backward()  # type: ignore[no-untyped-call]
-    loop.optimizer.step()
+    if loop.scaler is not None:
+        loop.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+    else:
+        loss.backward()  # type: ignore[no-untyped-call]
+        loop.optimizer.step()
     loop.step += 1
     loop.batch_in_epoch += 1
     loop.last_loss = float(loss.detach())
@@ -464,6 +473,7 @@ def _save(loop: _Loop, config: FinetuneConfig, run_dir: Path) -> None:
         "config": asdict(config),
         "model": loop.network.state_dict(),
         "optimizer": loop.optimizer.state_dict(),
+        "scaler": loop.scaler.state_dict() if loop.scaler is not None else {},
         "step": loop.step,
         "epoch": loop.epoch,
         "batch_in_epoch": loop.batch_in_epoch,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from simclr_cli.errors import CheckpointError
 from simclr_cli.models.backbone import Backbone, feature_dim
 from simclr_cli.models.projection_head import ProjectionHead
 
-__all__ = ["LoadedModel", "export_config", "load_model"]
+__all__ = ["LoadedModel", "export_config", "load_model", "state_fingerprint"]
 
 RUN_CONFIG_NAME = "run_config.json"
 CHECKPOINT_RELATIVE_PATH = Path("checkpoints") / "last.pt"
@@ -135,3 +136,16 @@ def _load_strict(
     except RuntimeError as error:
         detail = str(error).splitlines()[0] if str(error) else "shape or key mismatch"
         raise CheckpointError(f"{source}: the {part} weights do not fit ({detail})") from None
+
+
+def state_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer, bit for bit, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(
+            name.encode() + str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode()
+        )
+        digest.update(
+            tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        )
+    return digest.hexdigest()
