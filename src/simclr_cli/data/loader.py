@@ -25,6 +25,8 @@ __all__ = ["CanvasBatch", "ImageBatches", "SkipLog", "batches_per_epoch", "defau
 
 logger = logging.getLogger(__name__)
 
+WORKER_TIMEOUT_S = 600  # longest wait for one batch from decoding workers
+
 
 @dataclass
 class SkipLog:
@@ -193,6 +195,8 @@ class ImageBatches:
             num_workers=self.num_workers,
             collate_fn=_collate,
             persistent_workers=False,
+            # A worker stuck on a file (a stalled network mount, say) must not hang the run.
+            timeout=WORKER_TIMEOUT_S if self.num_workers else 0,
         )
         try:
             for batch, failures in loader:
@@ -201,6 +205,12 @@ class ImageBatches:
                 if len(batch.indices):
                     yield batch
         except RuntimeError as error:
+            if "timed out" in str(error):
+                raise DataError(
+                    f"no decoded batch arrived for {WORKER_TIMEOUT_S} s; a file may sit on a "
+                    "stalled network drive or be pathologically slow to decode. Retry with "
+                    "--workers 0 to see which file it is"
+                ) from None
             if "DataLoader worker" in str(error) or "shared memory" in str(error).lower():
                 raise DataError(
                     f"an image-decoding worker failed ({str(error).splitlines()[0]}); "
