@@ -56,3 +56,14 @@ MaxPixelsOption = Annotated[
         "(default: Pillow's limit, about 179 million); raise it to admit huge scans.",
     ),
 ]
+
+ModelOption = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Run folder, model folder (model.safetensors + config.json), weights file, or "
+        "Hugging Face Hub repo: owner/name, owner/name@revision, hf://owner/name.",
+        show_default=False,
+    ),
+]

@@ -11,9 +11,11 @@ from typing import Annotated
 import typer
 
 from simclr_cli import __version__
+from simclr_cli.cli.convert import convert_command
 from simclr_cli.cli.demo import demo_command
 from simclr_cli.cli.embed import embed_command
 from simclr_cli.cli.pretrain import pretrain_command
+from simclr_cli.cli.push import push_command
 
 app = typer.Typer(
     name="simclr",
@@ -26,6 +28,8 @@ app = typer.Typer(
 app.command("pretrain")(pretrain_command)
 app.command("embed")(embed_command)
 app.command("demo")(demo_command)
+app.command("convert")(convert_command)
+app.command("push")(push_command)
 
 
 def _print_version(value: bool) -> None:
