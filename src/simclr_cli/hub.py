@@ -109,18 +109,19 @@ def fetch_snapshot(ref: HubRef) -> Path:
     hf = _huggingface_hub()
     cache = Path(hf.constants.HF_HUB_CACHE)
     reason = "HF_HUB_OFFLINE is set"
+    remedy = "unset it and run once with network access to download the model"
     if not hf.constants.HF_HUB_OFFLINE:
         try:
             return _download(hf, ref)
         except _Unreachable as error:
             reason = f"the Hub could not be reached ({error})"
+            remedy = "check the network connection (and HF_ENDPOINT, if set) and try again"
             logger.warning("%s; looking for %s in the local cache", reason, ref)
     snapshot = _cached_snapshot(ref, cache)
     if snapshot is None:
         raise HubError(
-            f"{ref} is not in the Hugging Face cache ({cache}) and {reason}: run once with "
-            "network access (unset HF_HUB_OFFLINE) to download it, or point HF_HOME/HF_HUB_CACHE "
-            "at a cache that holds it"
+            f"{ref} is not in the Hugging Face cache ({cache}) and {reason}: {remedy}, or "
+            "point HF_HOME/HF_HUB_CACHE at a cache that holds it"
         )
     present = sorted(p.name for p in snapshot.iterdir() if not p.name.startswith("."))
     if "config.json" in present and _names_our_format(snapshot / "config.json"):
