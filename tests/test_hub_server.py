@@ -17,8 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import blob_name
 
+from conftest import blob_name
 from simclr_cli.checkpoint import save_exported_model
 from simclr_cli.config import AugmentConfig, RunConfig
 from simclr_cli.engine.pretrain import initial_model
@@ -69,8 +69,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "RepoNotFound")
         if revision not in ("main", COMMIT):
             return self._error(404, "RevisionNotFound")
-        body = json.dumps({"id": repo_id, "sha": COMMIT, "private": False,
-                           "siblings": [{"rfilename": name} for name in files]}).encode()  # fmt: skip
+        siblings = [{"rfilename": name} for name in files]
+        info = {"id": repo_id, "sha": COMMIT, "private": False, "siblings": siblings}
+        body = json.dumps(info).encode()
         self._send(200, body, {"Content-Type": "application/json"}, with_body=with_body)
 
     def _file(self, repo_id: str, revision: str, name: str, *, with_body: bool) -> None:
@@ -123,8 +124,9 @@ def hub(model_files: dict[str, bytes]) -> Iterator[FakeHub]:
 def _run(
     script: str, *, endpoint: str, home: Path, offline: bool
 ) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, HF_ENDPOINT=endpoint, HF_HOME=str(home), HF_HUB_OFFLINE="1" if offline else "0",
-               HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
+    env = dict(os.environ, HF_ENDPOINT=endpoint, HF_HOME=str(home),
+               HF_HUB_OFFLINE="1" if offline else "0", HF_HUB_DISABLE_TELEMETRY="1",
+               NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
                PYTHONPATH=os.pathsep.join(sys.path))  # fmt: skip
     for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
         env.pop(proxy, None)

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from simclr_cli.checkpoint import save_exported_model
 from simclr_cli.cli.app import app
 from simclr_cli.config import AugmentConfig, RunConfig, TrainConfig
-from simclr_cli.engine.publish import convert_model
 from simclr_cli.engine.pretrain import initial_model
+from simclr_cli.engine.publish import convert_model
 from simclr_cli.models.export import export_config, load_model
 
 runner = CliRunner()
@@ -134,7 +134,7 @@ def test_push_uploads_model_config_plot_eval_and_card(
 
 
 def test_model_card_header_and_body(run_folder: Path, fake_hub: FakeHub) -> None:
-    # The card's metadata names the library, tags, dataset and metrics; the body shows how to use it.
+    # Metadata: library, tags, dataset and metrics; the body: results, config and usage.
     result = runner.invoke(app, ["push", str(run_folder), "someone/digits-simclr", "--with-head"])
     assert result.exit_code == 0, result.output
     card = (fake_hub.keep / "README.md").read_text()
