@@ -62,7 +62,7 @@ def test_an_existing_path_wins_over_a_repo_id(
 @pytest.mark.parametrize("text", ["nothing-here", "a/b/c", "owner/name@", "/abs/missing/dir"])
 def test_text_that_is_neither_a_path_nor_a_repo_is_refused(text: str) -> None:
     # A clear error, not a Hub lookup, for what cannot be a repository id.
-    with pytest.raises(CheckpointError, match="no such file or folder"):
+    with pytest.raises(CheckpointError, match="no such model folder or file"):
         parse_model_ref(text)
 
 

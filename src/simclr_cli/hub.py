@@ -28,10 +28,12 @@ from simclr_cli.errors import CheckpointError, ConfigError, SimclrError
 
 __all__ = [
     "HUB_PREFIX",
+    "check_safetensors",
     "WEIGHT_SUFFIXES",
     "HubError",
     "HubRef",
     "choose_files",
+    "fetch_snapshot",
     "parse_model_ref",
     "push_folder",
     "resolve_model_ref",
@@ -82,7 +84,8 @@ def parse_model_ref(text: str) -> Path | HubRef:
     hub = _parse_repo(text)
     if hub is None:
         raise CheckpointError(
-            f"{text}: no such file or folder (a Hub model is named owner/name or hf://owner/name)"
+            f"{text}: no such model folder or file "
+            "(a Hub model is named owner/name or hf://owner/name)"
         )
     return hub
 
@@ -99,7 +102,7 @@ def resolve_model_ref(ref: str | Path) -> Path:
     parsed = ref if isinstance(ref, Path) else parse_model_ref(ref)
     if isinstance(parsed, Path):
         if not parsed.exists():
-            raise CheckpointError(f"{parsed}: no such model file or folder")
+            raise CheckpointError(f"{parsed}: no such model folder or file")
         return parsed
     return fetch_snapshot(parsed)
 
