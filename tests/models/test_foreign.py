@@ -281,8 +281,11 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def test_official_v1_checkpoint_embeds_with_unit_range_inputs(tmp_path: Path) -> None:
-    # A lightly-ai/simclrv1-...-1x-shaped file embeds real photos fed in [0, 1], unnormalised.
+def test_official_v1_checkpoint_embeds_with_unit_range_inputs(
+    tmp_path: Path, hub_cache: Any
+) -> None:
+    # lightly-ai/simclrv1-imagenet1k-resnet50-1x, cached as the Hub lays it out (random values
+    # in its file's layout), embeds real photos fed in [0, 1] without mean/std normalisation.
     import numpy as np
     from PIL import Image
     from skimage import data as photos
@@ -292,6 +295,13 @@ def test_official_v1_checkpoint_embeds_with_unit_range_inputs(tmp_path: Path) ->
 
     state = fill(v1_layout(1), seed=4)
     torch.save({"state_dict": state}, tmp_path / "resnet50-1x.pth")
+    repo = "lightly-ai/simclrv1-imagenet1k-resnet50-1x"
+    files = {
+        "resnet50-1x.pth": (tmp_path / "resnet50-1x.pth").read_bytes(),
+        "README.md": b"---\nlicense: apache-2.0\n---\n",
+        ".gitattributes": b"*.pth filter=lfs diff=lfs merge=lfs -text\n",
+    }
+    hub_cache.add(repo, files)
     folder = tmp_path / "photos"
     folder.mkdir()
     pictures = {"astronaut": photos.astronaut(), "coffee": photos.coffee(), "cat": photos.chelsea()}
@@ -304,8 +314,8 @@ def test_official_v1_checkpoint_embeds_with_unit_range_inputs(tmp_path: Path) ->
         tensor = torch.from_numpy(np.asarray(square).copy()).permute(2, 0, 1).float() / 255
         inputs.append(F.avg_pool2d(tensor[None], 2)[0])  # (3, 224, 224) in [0, 1]
     out = tmp_path / "v.npy"
-    result = CliRunner().invoke(app, ["embed", str(folder), "-m", str(tmp_path / "resnet50-1x.pth"),
-                                      "-o", str(out), "--workers", "0", "-q"])  # fmt: skip
+    result = CliRunner().invoke(app, ["embed", str(folder), "-m", repo, "-o", str(out),
+                                      "--workers", "0", "-q"])  # fmt: skip
     assert result.exit_code == 0, result.output
     reference = torchvision.models.resnet50()
     reference.load_state_dict(state)
