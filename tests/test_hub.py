@@ -124,7 +124,11 @@ def test_uncached_repo_offline_names_repo_and_remedy(hub_cache: Any) -> None:
         resolve_model_ref("someone/never-downloaded")
     message = str(caught.value)
     assert "someone/never-downloaded" in message and "HF_HUB_OFFLINE" in message
-    assert "\n" not in message
+    assert "no such local folder" in message and "\n" not in message
+    # hf:// says the Hub was meant, so the message does not talk about local paths.
+    with pytest.raises(HubError) as explicit:
+        resolve_model_ref("hf://someone/never-downloaded")
+    assert "local" not in str(explicit.value)
 
 
 def test_truncated_weights_blob_is_refused(hub_cache: Any, model_files: dict[str, bytes]) -> None:

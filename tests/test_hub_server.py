@@ -177,7 +177,9 @@ def test_unknown_repo_and_revision_are_one_line_errors(hub: FakeHub, tmp_path: P
     done = _run(script, endpoint=hub.url, home=tmp_path, offline=False)
     lines = done.stdout.strip().splitlines()
     assert done.returncode == 0 and len(lines) == 2, done.stderr
-    assert lines[0].startswith("error: someone/nope: no such model repository")
+    assert lines[0].startswith(
+        "error: someone/nope: no such local folder or file, and no such model"
+    )
     assert lines[1].startswith("error: someone/enc@v9: no revision 'v9'")
 
 
@@ -193,5 +195,5 @@ def test_unreachable_hub_falls_back_to_the_cache(hub: FakeHub, tmp_path: Path) -
     cached, refusal = again.stdout.strip().splitlines()
     assert cached == first.stdout.strip()
     assert "could not be reached" in again.stderr
-    assert refusal.startswith("error: someone/other is not in the Hugging Face cache")
+    assert refusal.startswith("error: someone/other: no such local folder or file, and not in the")
     assert "the Hub could not be reached" in refusal

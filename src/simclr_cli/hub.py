@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -61,6 +61,13 @@ class HubRef:
 
     repo_id: str
     revision: str | None = None
+    # Given as hf://...: the user meant the Hub, so messages need not mention local paths.
+    explicit: bool = field(default=False, compare=False)
+
+    @property
+    def not_local(self) -> str:
+        """Message prefix for a reference that could also have been a mistyped local path."""
+        return "" if self.explicit else "no such local folder or file, and "
 
     def __str__(self) -> str:
         """`owner/name` or `owner/name@revision`, as the user would type it."""
@@ -77,7 +84,7 @@ def parse_model_ref(text: str) -> Path | HubRef:
         hub = _parse_repo(text[len(HUB_PREFIX) :])
         if hub is None:
             raise ConfigError(f"{text}: expected hf://owner/name or hf://owner/name@revision")
-        return hub
+        return HubRef(hub.repo_id, hub.revision, explicit=True)
     path = Path(text).expanduser()
     if path.exists():
         return path
@@ -123,8 +130,8 @@ def fetch_snapshot(ref: HubRef) -> Path:
     snapshot = _cached_snapshot(ref, cache)
     if snapshot is None:
         raise HubError(
-            f"{ref} is not in the Hugging Face cache ({cache}) and {reason}: {remedy}, or "
-            "point HF_HOME/HF_HUB_CACHE at a cache that holds it"
+            f"{ref}: {ref.not_local}not in the Hugging Face cache ({cache}) while {reason}: "
+            f"{remedy}, or point HF_HOME/HF_HUB_CACHE at a cache that holds it"
         )
     present = sorted(p.name for p in snapshot.iterdir() if not p.name.startswith("."))
     if "config.json" in present and _names_our_format(snapshot / "config.json"):
@@ -153,6 +160,8 @@ def _download(hf: ModuleType, ref: HubRef) -> Path:
     """Fetch the files `load_model` needs into the cache; returns their snapshot folder."""
     errors = hf.errors
     revision = ref.revision or DEFAULT_REVISION
+    if logging.getLogger("simclr_cli").level > logging.INFO:
+        hf.utils.disable_progress_bars()  # --quiet: no download bars either
     try:
         info = hf.HfApi().model_info(ref.repo_id, revision=revision)
         names = [sibling.rfilename for sibling in info.siblings or []]
@@ -169,8 +178,8 @@ def _download(hf: ModuleType, ref: HubRef) -> Path:
         raise HubError(f"{ref}: no revision {revision!r} in {ref.repo_id}") from None
     except errors.RepositoryNotFoundError:
         raise HubError(
-            f"{ref}: no such model repository on the Hub (if it is private, set HF_TOKEN "
-            "or run `hf auth login`)"
+            f"{ref}: {ref.not_local}no such model repository on the Hub (if it is private, "
+            "set HF_TOKEN or run `hf auth login`)"
         ) from None
     except (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError) as error:
         raise _Unreachable(type(error).__name__) from None
@@ -344,6 +353,7 @@ def _huggingface_hub() -> ModuleType:
         import huggingface_hub
         import huggingface_hub.constants
         import huggingface_hub.errors
+        import huggingface_hub.utils
     except ImportError:
         raise ConfigError("Hub models need huggingface_hub: pip install huggingface-hub") from None
     return huggingface_hub
