@@ -235,3 +235,18 @@ def test_environment_variables_are_honoured_in_a_fresh_process(
     found, refusal = done.stdout.strip().splitlines()
     assert Path(found) == snapshot
     assert "someone/other" in refusal and str(tmp_path / "elsewhere") in refusal
+
+
+def test_a_foreign_repo_resolves_to_its_weights_file(hub_cache: Any, tmp_path: Path) -> None:
+    # Another project's repository: its one weights file is checked and loaded, and the config
+    # records the repository rather than the cache path.
+    import torch
+    import torchvision
+
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    files = {"r18.pth": (tmp_path / "r18.pth").read_bytes(), "README.md": b"# r18\n"}
+    snapshot = hub_cache.add("someone/r18", files, commit=COMMIT)
+    assert resolve_model_ref("someone/r18") == snapshot / "r18.pth"
+    model = load_model("someone/r18")
+    assert model.config["training"]["source"] == "hf://someone/r18/r18.pth"
+    assert model.config["arch"] == "resnet18"

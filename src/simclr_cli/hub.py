@@ -104,9 +104,13 @@ def _parse_repo(text: str) -> HubRef | None:
     return HubRef(repo_id, revision or None)
 
 
-def resolve_model_ref(ref: str | Path) -> Path:
-    """A local file or folder to load the model from; Hub repositories are fetched first."""
-    parsed = ref if isinstance(ref, Path) else parse_model_ref(ref)
+def resolve_model_ref(ref: str | Path | HubRef) -> Path:
+    """A local file or folder to load the model from; Hub repositories are fetched first.
+
+    For a Hub repository in our format this is its snapshot folder; for another project's
+    repository, the one weights file chosen from it.
+    """
+    parsed = parse_model_ref(ref) if isinstance(ref, str) else ref
     if isinstance(parsed, Path):
         if not parsed.exists():
             raise CheckpointError(f"{parsed}: no such model folder or file")
@@ -115,7 +119,10 @@ def resolve_model_ref(ref: str | Path) -> Path:
 
 
 def fetch_snapshot(ref: HubRef) -> Path:
-    """The cached snapshot folder of `ref`, downloading what is missing unless offline."""
+    """The cached, checked files of `ref`, downloading what is missing unless offline.
+
+    Returns the snapshot folder for our format, else the weights file chosen in it.
+    """
     hf = _huggingface_hub()
     cache = Path(hf.constants.HF_HUB_CACHE)
     reason = "HF_HUB_OFFLINE is set"
@@ -139,7 +146,11 @@ def fetch_snapshot(ref: HubRef) -> Path:
     else:
         files = choose_files(present, source=f"{ref} (cached snapshot {snapshot.name[:12]})")
     _check_cached_files(snapshot, files, ref=ref)
-    return snapshot
+    return _target(snapshot, files)
+
+
+def _target(snapshot: Path, files: list[str]) -> Path:
+    return snapshot if "config.json" in files else snapshot / files[0]
 
 
 def _names_our_format(config_path: Path) -> bool:
@@ -199,7 +210,7 @@ def _download(hf: ModuleType, ref: HubRef) -> Path:
         raise HubError(f"{ref} changed on the Hub during the download; run the command again")
     snapshot = snapshots.pop()
     _check_cached_files(snapshot, files, ref=ref)
-    return snapshot
+    return _target(snapshot, files)
 
 
 def _cached_snapshot(ref: HubRef, cache: Path) -> Path | None:

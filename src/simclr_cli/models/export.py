@@ -78,13 +78,16 @@ def load_model(ref: Path | str) -> LoadedModel:
     folder loads its latest checkpoint; any other weights file (or a folder or repository
     with exactly one) goes through `simclr_cli.models.foreign`.
     """
-    from simclr_cli.hub import resolve_model_ref
+    from simclr_cli.hub import HubRef, parse_model_ref, resolve_model_ref
 
-    path = resolve_model_ref(ref)
+    parsed = ref if isinstance(ref, Path) else parse_model_ref(ref)
+    path = resolve_model_ref(parsed)
+    # Configs record where a converted checkpoint came from: the repository, not the cache path.
+    hub_label = f"hf://{parsed}/{path.name}" if isinstance(parsed, HubRef) else None
     if path.is_file() and path.name == MODEL_WEIGHTS_NAME and _is_ours(path.parent):
         path = path.parent
     if path.is_file():
-        return load_foreign(path)
+        return load_foreign(path, source=hub_label)
     if (path / MODEL_WEIGHTS_NAME).is_file() and _is_ours(path):
         state_dict, config = load_exported_model(path)
     elif (path / CHECKPOINT_RELATIVE_PATH).is_file() and (path / RUN_CONFIG_NAME).is_file():
@@ -94,18 +97,14 @@ def load_model(ref: Path | str) -> LoadedModel:
     return _build(state_dict, config, source=path)
 
 
-def load_foreign(
-    path: Path, *, normalization: str = "auto", image_size: int | None = None
-) -> LoadedModel:
-    """Load another project's checkpoint file (see `simclr_cli.models.foreign`)."""
+def load_foreign(path: Path, *, source: str | None = None) -> LoadedModel:
+    """Load another project's checkpoint file (see `simclr_cli.models.foreign`).
+
+    `source` names it in messages and in the config (default: the path).
+    """
     from simclr_cli.models.foreign import convert_state, read_weights_file
 
-    foreign = convert_state(
-        read_weights_file(path),
-        source=str(path),
-        normalization=normalization,
-        image_size=image_size,
-    )
+    foreign = convert_state(read_weights_file(path), source=source or str(path))
     return _build(foreign.state_dict, foreign.config, source=path)
 
 
