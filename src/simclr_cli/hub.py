@@ -16,9 +16,11 @@ This is the only module that imports huggingface_hub, and only inside functions,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -168,18 +170,34 @@ class _Unreachable(Exception):
 
 
 def _download(hf: ModuleType, ref: HubRef) -> Path:
-    """Fetch the files `load_model` needs into the cache; returns their snapshot folder."""
-    errors = hf.errors
+    """Fetch the files `load_model` needs into the cache; returns what `fetch_snapshot` does."""
     revision = ref.revision or DEFAULT_REVISION
     if logging.getLogger("simclr_cli").level > logging.INFO:
         hf.utils.disable_progress_bars()  # --quiet: no download bars either
-    try:
+    with _hub_errors(hf, ref, revision):
         info = hf.HfApi().model_info(ref.repo_id, revision=revision)
         names = [sibling.rfilename for sibling in info.siblings or []]
         files = choose_files(names, source=str(ref))
         # The branch name (not the commit) is passed on so the cache records refs/<branch>,
         # which is what a later offline run looks up.
         paths = [Path(hf.hf_hub_download(ref.repo_id, name, revision=revision)) for name in files]
+    snapshots = {path.parent for path in paths}
+    if len(snapshots) != 1:
+        raise HubError(f"{ref} changed on the Hub during the download; run the command again")
+    snapshot = snapshots.pop()
+    _check_cached_files(snapshot, files, ref=ref)
+    return _target(snapshot, files)
+
+
+@contextlib.contextmanager
+def _hub_errors(hf: ModuleType, ref: HubRef, revision: str) -> Iterator[None]:
+    """huggingface_hub's exceptions as one-line HubErrors, or _Unreachable for the cache path.
+
+    Only types and status codes go into messages: never a server's text or a request header.
+    """
+    errors = hf.errors
+    try:
+        yield
     except errors.GatedRepoError:
         raise HubError(
             f"{ref} is gated: accept its terms on the Hub, then set HF_TOKEN "
@@ -199,18 +217,15 @@ def _download(hf: ModuleType, ref: HubRef) -> Path:
         if status is not None and status < 500:
             raise HubError(f"{ref}: the Hub answered HTTP {status}") from None
         raise _Unreachable(f"HTTP {status}") from None
-    except OSError as error:
+    except ConnectionError as error:
         raise _Unreachable(type(error).__name__) from None
-    except Exception as error:  # httpx transport errors (connect, timeout) have no common base here
+    except OSError as error:  # writing into the cache: a full disk, permissions
+        reason = error.strerror or type(error).__name__
+        raise HubError(f"{ref}: could not write to the Hugging Face cache ({reason})") from None
+    except Exception as error:  # httpx transport errors (connect, timeout) share no base here
         if type(error).__module__.split(".")[0] not in {"httpx", "httpx2", "httpcore"}:
             raise
         raise _Unreachable(type(error).__name__) from None
-    snapshots = {path.parent for path in paths}
-    if len(snapshots) != 1:
-        raise HubError(f"{ref} changed on the Hub during the download; run the command again")
-    snapshot = snapshots.pop()
-    _check_cached_files(snapshot, files, ref=ref)
-    return _target(snapshot, files)
 
 
 def _cached_snapshot(ref: HubRef, cache: Path) -> Path | None:
@@ -351,6 +366,11 @@ def push_folder(
         raise HubError(f"pushing to {repo_id} failed: HTTP {status}{hint}") from None
     except OSError as error:
         raise HubError(f"pushing to {repo_id} failed: {type(error).__name__}") from None
+    except Exception as error:  # httpx transport errors (connect, timeout) share no base here
+        if type(error).__module__.split(".")[0] not in {"httpx", "httpx2", "httpcore"}:
+            raise
+        reason = f"the Hub could not be reached ({type(error).__name__})"
+        raise HubError(f"pushing to {repo_id} failed: {reason}") from None
     return str(getattr(commit, "commit_url", None) or f"{api.endpoint}/{repo_id}")
 
 
