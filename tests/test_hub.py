@@ -250,3 +250,27 @@ def test_a_foreign_repo_resolves_to_its_weights_file(hub_cache: Any, tmp_path: P
     model = load_model("someone/r18")
     assert model.config["training"]["source"] == "hf://someone/r18/r18.pth"
     assert model.config["arch"] == "resnet18"
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected", "match"),
+    [
+        (ConnectionRefusedError(111, "refused"), "_Unreachable", "ConnectionRefusedError"),
+        (TimeoutError(), "_Unreachable", "TimeoutError"),
+        (OSError(28, "No space left on device"), "HubError", "could not write to the Hugging"),
+        (ValueError("a bug"), "ValueError", "a bug"),
+    ],
+)
+def test_hub_failures_map_to_fallback_or_one_line_errors(
+    raised: Exception, expected: str, match: str
+) -> None:
+    # Network failures fall back to the cache; a cache that cannot be written is a plain error;
+    # anything else (a bug) is not disguised.
+    from simclr_cli import hub
+
+    kinds = {"_Unreachable": hub._Unreachable, "HubError": HubError, "ValueError": ValueError}
+    with (
+        pytest.raises(kinds[expected], match=match),
+        hub._hub_errors(hub._huggingface_hub(), HubRef("someone/enc"), "main"),
+    ):
+        raise raised

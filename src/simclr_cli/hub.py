@@ -217,15 +217,20 @@ def _hub_errors(hf: ModuleType, ref: HubRef, revision: str) -> Iterator[None]:
         if status is not None and status < 500:
             raise HubError(f"{ref}: the Hub answered HTTP {status}") from None
         raise _Unreachable(f"HTTP {status}") from None
-    except ConnectionError as error:
-        raise _Unreachable(type(error).__name__) from None
-    except OSError as error:  # writing into the cache: a full disk, permissions
-        reason = error.strerror or type(error).__name__
-        raise HubError(f"{ref}: could not write to the Hugging Face cache ({reason})") from None
-    except Exception as error:  # httpx transport errors (connect, timeout) share no base here
-        if type(error).__module__.split(".")[0] not in {"httpx", "httpx2", "httpcore"}:
-            raise
-        raise _Unreachable(type(error).__name__) from None
+    except Exception as error:
+        if _is_transport_error(error):
+            raise _Unreachable(type(error).__name__) from None
+        if isinstance(error, OSError):  # writing into the cache: a full disk, permissions
+            reason = error.strerror or type(error).__name__
+            raise HubError(f"{ref}: could not write to the Hugging Face cache ({reason})") from None
+        raise
+
+
+def _is_transport_error(error: Exception) -> bool:
+    """Connection refused, timeouts, DNS: httpx (huggingface_hub 1.x+) or requests (0.x)."""
+    root = type(error).__module__.split(".")[0]
+    transport = root in {"httpx", "httpx2", "httpcore", "requests", "urllib3"}
+    return transport or isinstance(error, ConnectionError | TimeoutError)
 
 
 def _cached_snapshot(ref: HubRef, cache: Path) -> Path | None:
@@ -364,13 +369,13 @@ def push_folder(
         status = getattr(getattr(error, "response", None), "status_code", None)
         hint = " (is the token allowed to write there?)" if status in (401, 403) else ""
         raise HubError(f"pushing to {repo_id} failed: HTTP {status}{hint}") from None
-    except OSError as error:
-        raise HubError(f"pushing to {repo_id} failed: {type(error).__name__}") from None
-    except Exception as error:  # httpx transport errors (connect, timeout) share no base here
-        if type(error).__module__.split(".")[0] not in {"httpx", "httpx2", "httpcore"}:
-            raise
-        reason = f"the Hub could not be reached ({type(error).__name__})"
-        raise HubError(f"pushing to {repo_id} failed: {reason}") from None
+    except Exception as error:
+        if _is_transport_error(error):
+            reason = f"the Hub could not be reached ({type(error).__name__})"
+            raise HubError(f"pushing to {repo_id} failed: {reason}") from None
+        if isinstance(error, OSError):
+            raise HubError(f"pushing to {repo_id} failed: {type(error).__name__}") from None
+        raise
     return str(getattr(commit, "commit_url", None) or f"{api.endpoint}/{repo_id}")
 
 
