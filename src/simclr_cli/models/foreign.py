@@ -36,16 +36,13 @@ import torch
 from simclr_cli.checkpoint import clean_state_dict
 from simclr_cli.config import IMAGENET_MEAN, IMAGENET_STD
 from simclr_cli.errors import CheckpointError
-from simclr_cli.models.backbone import Backbone
+from simclr_cli.models.backbone import Backbone, feature_dim
 
-__all__ = ["ForeignModel", "Normalization", "convert_state", "read_weights_file"]
+__all__ = ["ForeignModel", "convert_state", "read_weights_file"]
 
 logger = logging.getLogger(__name__)
 
-Normalization = str  # "auto", "imagenet" or "none"
-NORMALIZATIONS = ("auto", "imagenet", "none")
-_BN_EPS = 1e-5
-_FEATURE_DIM_BASE = {"basic": 512, "bottleneck": 2048}  # TF SimCLR and PyTorch agree on this
+_BN_EPS = 1e-5  # TF SimCLR and PyTorch agree on this
 _DEPTHS: dict[tuple[str, tuple[int, ...]], str] = {
     ("basic", (2, 2, 2, 2)): "resnet18",
     ("basic", (3, 4, 6, 3)): "resnet34",
@@ -97,21 +94,12 @@ def read_weights_file(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
 
 
-def convert_state(
-    raw: Any,
-    *,
-    source: str,
-    normalization: Normalization = "auto",
-    image_size: int | None = None,
-) -> ForeignModel:
+def convert_state(raw: Any, *, source: str) -> ForeignModel:
     """Map a loaded checkpoint onto our encoder (and head, for SimCLR v2).
 
     Args:
         raw: What `read_weights_file` returned.
         source: File name or reference, recorded in the config and used in messages.
-        normalization: "auto" (none for the official SimCLR weights, ImageNet otherwise),
-            "imagenet" or "none" (inputs in [0, 1]).
-        image_size: Side the encoder is fed; default 224 (32 with a 3x3 stem).
 
     Raises:
         CheckpointError: no ResNet encoder found, an unsupported variant, or no key matched.
@@ -129,30 +117,20 @@ def convert_state(
             "the folder holding model.safetensors and config.json"
         )
     encoder, outside = _strip(trunk, prefix)
-    block, stage_sizes, width, small_stem = _infer_shape(encoder, source=source)
-    try:
-        arch_base = _DEPTHS[(block, stage_sizes)]
-    except KeyError:
-        raise CheckpointError(
-            f"{source}: a ResNet with {block} blocks {list(stage_sizes)} is not supported"
-        ) from None
-    arch = arch_base if width == 1 else f"{arch_base}x{width}"
+    arch, small_stem = _architecture(encoder, source=source)
     matched = _match_reporting(arch, small_stem, encoder, outside=outside, source=source)
     state = {f"backbone.resnet.{k}": v for k, v in matched.items()}
-    feature_dim = _FEATURE_DIM_BASE[block] * width
     projection = None
     if kind == "simclr-v2" and head:
         head_state, projection = _fold_v2_head(head, source=source)
         state.update({f"projection_head.{k}": v for k, v in head_state.items()})
-    official = kind in ("simclr-v1", "simclr-v2")
-    if normalization not in NORMALIZATIONS:
-        raise CheckpointError(f"normalization must be one of {', '.join(NORMALIZATIONS)}")
-    unit_range = normalization == "none" or (normalization == "auto" and official)
-    size = image_size or (32 if small_stem else 224)
+    # The official SimCLR nets saw [0, 1] RGB; anything else is assumed torchvision-style.
+    unit_range = kind in ("simclr-v1", "simclr-v2")
+    size = 32 if small_stem else 224
     config = {
         "arch": arch,
         "small_stem": small_stem,
-        "feature_dim": feature_dim,
+        "feature_dim": feature_dim(arch),
         "projection": projection,
         "image_size": size,
         "preprocessing": {
@@ -264,10 +242,8 @@ def _strip(
     return out, outside
 
 
-def _infer_shape(
-    encoder: Mapping[str, torch.Tensor], *, source: str
-) -> tuple[str, tuple[int, ...], int, bool]:
-    """(block type, blocks per stage, width multiplier, small stem) from names and shapes."""
+def _architecture(encoder: Mapping[str, torch.Tensor], *, source: str) -> tuple[str, bool]:
+    """(architecture name, small stem) read from the encoder's names and shapes."""
     block = "bottleneck" if "layer1.0.conv3.weight" in encoder else "basic"
     stage_sizes = tuple(
         len({key.split(".")[1] for key in encoder if key.startswith(f"layer{stage}.")})
@@ -277,7 +253,13 @@ def _infer_shape(
     width, remainder = divmod(int(stem.shape[0]), 64)
     if remainder or width < 1 or (width > 1 and block == "basic"):
         raise CheckpointError(f"{source}: stem with {stem.shape[0]} channels is not a ResNet")
-    return block, stage_sizes, width, int(stem.shape[-1]) == 3
+    try:
+        depth = _DEPTHS[(block, stage_sizes)]
+    except KeyError:
+        raise CheckpointError(
+            f"{source}: a ResNet with {block} blocks {list(stage_sizes)} is not supported"
+        ) from None
+    return (depth if width == 1 else f"{depth}x{width}"), int(stem.shape[-1]) == 3
 
 
 def _match_reporting(
