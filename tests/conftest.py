@@ -105,3 +105,88 @@ def photo_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("photo") / "chelsea.jpg"
     Image.fromarray(data.chelsea()).save(path, quality=92)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _no_hub_network(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory):
+    # No test may reach the internet: every test (and every subprocess it starts) runs with
+    # HF_HUB_OFFLINE and an empty Hugging Face home of its own. Tests that talk to their own
+    # 127.0.0.1 server switch this off explicitly.
+    home = tmp_path_factory.mktemp("hf_home")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    import sys
+
+    if "huggingface_hub" in sys.modules:  # constants are read at import; patch them too
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    yield
+
+
+class HubCache:
+    """Writes repositories into a Hugging Face hub cache the way huggingface_hub lays it out.
+
+    `models--owner--name/blobs/<etag>` holds each file once (etag: sha256 for LFS files, the git
+    blob sha1 otherwise), `snapshots/<commit>/<file>` links to it, and `refs/<branch>` holds
+    the commit hash.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def storage(self, repo_id: str) -> Path:
+        return self.root / ("models--" + repo_id.replace("/", "--"))
+
+    def add(
+        self,
+        repo_id: str,
+        files: dict[str, bytes],
+        *,
+        commit: str | None = None,
+        ref: str | None = "main",
+        ref_text_suffix: str = "",
+    ) -> Path:
+        """Cache `files` as one commit; returns the snapshot folder."""
+        import hashlib
+
+        commit = commit or hashlib.sha1(repr(sorted(files)).encode()).hexdigest()
+        storage = self.storage(repo_id)
+        snapshot = storage / "snapshots" / commit
+        (storage / "blobs").mkdir(parents=True, exist_ok=True)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            blob = storage / "blobs" / blob_name(name, content)
+            blob.write_bytes(content)
+            link = snapshot / name
+            link.unlink(missing_ok=True)
+            link.symlink_to(Path("../..") / "blobs" / blob.name)
+        if ref is not None:
+            (storage / "refs").mkdir(exist_ok=True)
+            (storage / "refs" / ref).write_text(commit + ref_text_suffix)
+        return snapshot
+
+
+def blob_name(name: str, content: bytes) -> str:
+    """The etag the Hub gives a file: sha256 if stored with LFS (weights), git sha1 otherwise."""
+    import hashlib
+
+    if name.endswith((".safetensors", ".pth", ".pt", ".bin")):
+        return hashlib.sha256(content).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+
+
+@pytest.fixture
+def hub_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> HubCache:
+    """An empty hub cache under a fresh HF_HOME, offline, for this test and its subprocesses."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return HubCache(home / "hub")

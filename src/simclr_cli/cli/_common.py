@@ -62,7 +62,8 @@ ModelOption = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Run folder, or a folder with model.safetensors + config.json.",
+        help="Run folder, model folder (model.safetensors + config.json), weights file, or "
+        "Hugging Face Hub repo: owner/name, owner/name@revision, hf://owner/name.",
         show_default=False,
     ),
 ]

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from simclr_cli import __version__
+from simclr_cli.cli.convert import convert_command
 from simclr_cli.cli.demo import demo_command
 from simclr_cli.cli.embed import embed_command
 from simclr_cli.cli.eval import eval_command
@@ -18,6 +19,7 @@ from simclr_cli.cli.finetune import finetune_command
 from simclr_cli.cli.predict import predict_command
 from simclr_cli.cli.pretrain import pretrain_command
 from simclr_cli.cli.preview import augment_preview_command
+from simclr_cli.cli.push import push_command
 
 app = typer.Typer(
     name="simclr",
@@ -34,6 +36,8 @@ app.command("finetune")(finetune_command)
 app.command("predict")(predict_command)
 app.command("augment-preview")(augment_preview_command)
 app.command("demo")(demo_command)
+app.command("convert")(convert_command)
+app.command("push")(push_command)
 
 
 def _print_version(value: bool) -> None:

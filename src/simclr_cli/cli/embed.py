@@ -10,6 +10,7 @@ import typer
 from simclr_cli.cli._common import (
     DeviceOption,
     MaxPixelsOption,
+    ModelOption,
     QuietOption,
     StrictOption,
     VerboseOption,
@@ -22,15 +23,7 @@ def embed_command(
     data: Annotated[
         Path, typer.Argument(help="Folder of images (scanned recursively).", show_default=False)
     ],
-    model: Annotated[
-        Path,
-        typer.Option(
-            "--model",
-            "-m",
-            help="Run folder, or a folder with model.safetensors + config.json.",
-            show_default=False,
-        ),
-    ],
+    model: ModelOption,
     out: Annotated[
         Path,
         typer.Option(

@@ -112,13 +112,17 @@ class EmbedOptions:
 
 def embed_folder(
     data_dir: Path,
-    model_path: Path,
+    model_path: Path | str,
     out_path: Path,
     *,
     options: EmbedOptions | None = None,
     reporter: Reporter | None = None,
 ) -> EmbedResult:
-    """Embed every image under `data_dir` with the model at `model_path` into `out_path`."""
+    """Embed every image under `data_dir` with the model at `model_path` into `out_path`.
+
+    `model_path` is anything `--model` accepts: a run or model folder, a weights file, or a
+    Hub repository id.
+    """
     options = options or EmbedOptions()
     reporter = reporter or NullReporter()
     started = time.monotonic()
@@ -356,7 +360,7 @@ def _write_manifest(
 def _write_meta(
     out_path: Path,
     *,
-    model_path: Path,
+    model_path: Path | str,
     data_dir: Path,
     options: EmbedOptions,
     rows: int,
@@ -366,7 +370,7 @@ def _write_meta(
     meta = {
         "array": out_path.name,
         "manifest": out_path.with_suffix(".manifest.csv").name,
-        "model": str(model_path.absolute()),
+        "model": _describe_model(model_path),
         "data_dir": str(data_dir.absolute()),
         "output": "projection" if options.projection else "features",
         "l2_normalized": options.l2_normalize,
@@ -375,3 +379,9 @@ def _write_meta(
         "skipped": skipped,
     }
     out_path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def _describe_model(model_path: Path | str) -> str:
+    """An absolute path for local models; the reference as given for Hub repositories."""
+    local = Path(model_path).expanduser()
+    return str(local.absolute()) if local.exists() else str(model_path)
