@@ -37,7 +37,8 @@ def finetune_command(
         typer.Option(
             "--model",
             "-m",
-            help="Pretrained encoder: a run folder or a model folder.",
+            help="Pretrained encoder: run folder, model folder, weights file, or Hugging Face "
+            "Hub repo (owner/name[@revision]).",
             show_default=False,
         ),
     ] = None,

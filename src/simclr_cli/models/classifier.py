@@ -50,9 +50,11 @@ class LoadedClassifier:
         return LoadedModel(self.network.backbone, None, self.config)
 
 
-def load_classifier(path: Path | str) -> LoadedClassifier:
-    """Load a folder written by `simclr finetune` (model.safetensors + config.json)."""
-    path = Path(path)
+def load_classifier(ref: Path | str) -> LoadedClassifier:
+    """Load a folder written by `simclr finetune`, local or a Hub repository holding one."""
+    from simclr_cli.hub import resolve_model_ref
+
+    path = resolve_model_ref(ref)
     if path.is_file() and path.name == MODEL_WEIGHTS_NAME:
         path = path.parent
     if not (path / MODEL_WEIGHTS_NAME).is_file():
