@@ -69,7 +69,13 @@ def run_folder(tmp_path: Path) -> Path:
     save_exported_model(run, state, export_config(config, training))
     (run / "run_config.json").write_text(json.dumps(config.to_dict()))
     Image.new("RGB", (8, 8), "white").save(run / "loss.png")
-    (run / "eval.json").write_text(json.dumps({"knn_top1": 0.912, "linear": {"top1": 0.934}}))
+    # Shaped like `simclr eval` output (default place: RUN/eval/eval.json), with a baseline.
+    (run / "eval").mkdir()
+    results = {
+        "model": {"knn": {"k20_weighted": {"top1": 0.912}}, "linear": {"top1": 0.934}},
+        "random": {"knn": {"k20_weighted": {"top1": 0.881}}, "linear": {"top1": 0.85}},
+    }
+    (run / "eval" / "eval.json").write_text(json.dumps({"results": results}))
     return run
 
 
@@ -143,8 +149,11 @@ def test_model_card_header_and_body(run_folder: Path, fake_hub: FakeHub) -> None
     assert meta["library_name"] == "simclr-cli"
     assert {"simclr", "self-supervised-learning", "resnet18"} <= set(meta["tags"])
     assert meta["datasets"] == ["digits"]
-    assert meta["metrics"] == ["knn_top1", "linear/top1"]
-    assert "| knn_top1 | 0.912 |" in body and "| linear/top1 | 0.934 |" in body
+    assert meta["metrics"] == [
+        "knn_k20_weighted/top1", "linear/top1", "random/knn_k20_weighted/top1", "random/linear/top1"
+    ]  # fmt: skip
+    assert "| knn_k20_weighted/top1 | 0.912 |" in body and "| linear/top1 | 0.934 |" in body
+    assert "| random/linear/top1 | 0.85 |" in body
     assert "simclr embed photos/ --model someone/digits-simclr" in body
     assert 'load_model("someone/digits-simclr")' in body and "![Training loss" in body
     run_config = json.loads(body.split("```json\n", 1)[1].split("```", 1)[0])

@@ -14,17 +14,26 @@ __all__ = ["eval_metrics", "model_card"]
 
 
 def eval_metrics(evaluation: Mapping[str, Any]) -> dict[str, float]:
-    """Numeric results of an eval.json, nested keys joined with '/' (one level deep)."""
+    """Accuracies from a `simclr eval` record, named like `linear/top1` or `knn_k20_weighted/top1`.
+
+    Baselines evaluated in the same run are kept apart with their source as a prefix
+    (`random/linear/top1`), so a card never presents a baseline as the model's result.
+    """
     found: dict[str, float] = {}
-    for key, value in evaluation.items():
-        if isinstance(value, bool):
+    results = evaluation.get("results")
+    if not isinstance(results, Mapping):
+        return found
+    for source, scores in results.items():
+        if not isinstance(scores, Mapping):
             continue
-        if isinstance(value, int | float):
-            found[str(key)] = float(value)
-        elif isinstance(value, Mapping):
-            for inner, number in value.items():
-                if isinstance(number, int | float) and not isinstance(number, bool):
-                    found[f"{key}/{inner}"] = float(number)
+        prefix = "" if source == "model" else f"{source}/"
+        entries = {f"knn_{name}": entry for name, entry in (scores.get("knn") or {}).items()}
+        entries["linear"] = scores.get("linear") or {}
+        for name, entry in entries.items():
+            for measure in ("top1", "top5"):
+                value = entry.get(measure) if isinstance(entry, Mapping) else None
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    found[f"{prefix}{name}/{measure}"] = float(value)
     return found
 
 
@@ -55,7 +64,7 @@ def model_card(
     if metrics:
         lines += ["## Evaluation", "", "| Metric | Value |", "|---|---|"]
         lines += [f"| {name} | {value:.4g} |" for name, value in sorted(metrics.items())]
-        lines += ["", "From `eval.json` in the run folder.", ""]
+        lines += ["", "Accuracies (0-1) from `simclr eval`, in `eval.json`.", ""]
     lines += _usage(repo_id, config)
     return "\n".join(lines)
 

@@ -115,9 +115,13 @@ def prepare_upload(
     config = _public(model.config)
     _write_model(folder, model, config, include_head=include_head)
     config = json.loads((folder / MODEL_CONFIG_NAME).read_text(encoding="utf-8"))
-    for name in (LOSS_PLOT_NAME, EVAL_NAME):
-        if (run / name).is_file():
-            shutil.copyfile(run / name, folder / name)
+    if (run / LOSS_PLOT_NAME).is_file():
+        shutil.copyfile(run / LOSS_PLOT_NAME, folder / LOSS_PLOT_NAME)
+    # `simclr eval` writes into RUN/eval/ by default; an eval.json beside the model also counts.
+    for candidate in (run / "eval" / EVAL_NAME, run / EVAL_NAME):
+        if candidate.is_file():
+            shutil.copyfile(candidate, folder / EVAL_NAME)
+            break
     run_config = _read_json(run / RUN_CONFIG_NAME)
     evaluation = _read_json(folder / EVAL_NAME)
     training_folder = (run_config or {}).get("train", {}).get("data_dir") or ""
