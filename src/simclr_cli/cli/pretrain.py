@@ -363,6 +363,7 @@ def _launch(devices: int, *, out: Path | None) -> None:
     """
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -386,6 +387,7 @@ def _launch(devices: int, *, out: Path | None) -> None:
         rdzv_endpoint="127.0.0.1:0",
         max_restarts=0,
         local_addr="127.0.0.1",
+        shutdown_timeout=120,  # on Ctrl-C, time for rank 0 to finish its step and checkpoint
     )
     try:
         elastic_launch(config, sys.executable)("-m", "simclr_cli", *arguments)
@@ -399,6 +401,8 @@ def _launch(devices: int, *, out: Path | None) -> None:
                 highlight=False,
             )
         raise typer.Exit(code=code) from None
+    except SignalException:  # Ctrl-C or SIGTERM: the launcher has stopped the workers by now
+        raise typer.Exit(code=130) from None
 
 
 def _without_devices(arguments: list[str]) -> list[str]:
