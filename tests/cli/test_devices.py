@@ -33,3 +33,11 @@ def test_devices_2_trains_one_run_whose_model_embeds(few_digits: Path, tmp_path:
     assert embedded.returncode == 0, embedded.stderr
     features = np.load(vectors)
     assert features.shape == (60, 512) and np.isfinite(features).all()
+
+
+def test_devices_is_removed_from_the_workers_command_line() -> None:
+    # Workers get the user's arguments minus --devices (both spellings), nothing else.
+    from simclr_cli.cli.pretrain import _without_devices
+
+    given = ["pretrain", "d", "--devices", "4", "-b", "8", "--devices=2", "--seed", "3"]
+    assert _without_devices(given) == ["pretrain", "d", "-b", "8", "--seed", "3"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from simclr_cli.config import AugmentConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from simclr_cli.distributed import GlobalBatchNorm, convert_sync_batchnorm, share_bounds
 from simclr_cli.engine.pretrain import pretrain, resume_config
+from simclr_cli.errors import ConfigError
 from simclr_cli.models.simclr import build_model
 
 
@@ -146,8 +146,7 @@ def test_resume_refuses_to_change_batchnorm_handling(few_digits: Path, tmp_path:
     # Turning sync BN off, or changing chunking, would change the run; the number of
     # processes and the backend would not.
     run = tmp_path / "run"
-    pretrain(replace(_config(few_digits, run, epochs=1)))
-    from simclr_cli.errors import ConfigError
+    pretrain(_config(few_digits, run, epochs=1))
 
     with pytest.raises(ConfigError, match="sync_batchnorm"):
         resume_config(run, sync_batchnorm=False)
