@@ -123,7 +123,6 @@ def _config(data: Path, out: Path, epochs: int) -> RunConfig:
 
 def test_checkpoints_move_between_one_and_two_processes(few_digits: Path, tmp_path: Path) -> None:
     # 1 process then 2, and 2 then 1, replay the same 6 steps: the run ignores the world size.
-    torch.set_num_threads(1)
     one_then_two = tmp_path / "one_then_two"
     pretrain(_config(few_digits, one_then_two, epochs=1))
     _spawn_pretrain(resume_config(one_then_two, epochs=2), resume=True)
