@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 from pathlib import Path
 
@@ -30,8 +29,9 @@ def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def gradient_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("grads")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(gradient_worker, args=(2, str(out / "store"), str(out)), nprocs=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GLOO_SOCKET_IFNAME", "lo")  # module scope: the autouse one comes later
+        mp.spawn(gradient_worker, args=(2, str(out / "store"), str(out)), nprocs=2)
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 

@@ -221,7 +221,7 @@ def pretrain_command(
             "--chunk-size",
             min=1,
             help="Gradient caching: encode at most this many images at a time, so a large "
-            "--batch-size fits in little memory (about 1.5x the compute).",
+            "--batch-size fits in little memory (one more encoder forward pass per step).",
             rich_help_panel=_SCALE,
         ),
     ] = None,
