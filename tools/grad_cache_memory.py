@@ -68,9 +68,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=args.arch), image_size=args.image_size).train()
     batch = _digits(args.batch, 2 * args.image_size)
-    views = StepViews.draw(
-        batch, augment, generator_for(0, "augment"), device=torch.device("cpu")
-    )
+    views = StepViews.draw(batch, augment, generator_for(0, "augment"), device=torch.device("cpu"))
     for chunk in [int(value) for value in args.chunk.split(",")]:
         model.zero_grad(set_to_none=True)
         _reset_peak()
