@@ -142,6 +142,14 @@ class TrainConfig:
     checkpoint_minutes: float = 10.0
     strict: bool = False
     max_pixels: int | None = None  # None: Pillow's decompression-bomb limit (about 179 MP)
+    # Several processes (torchrun): batch norm over the global batch, as the paper's global
+    # BN; per-process statistics let the model find positives by their shared statistics.
+    sync_batchnorm: bool = True
+    dist_backend: str = "auto"  # auto: NCCL on CUDA, gloo otherwise
+    chunk_size: int | None = None  # gradient caching: encode this many images at a time
+    # Encoder BN: "batch" statistics (per chunk with chunk_size), or "frozen" running ones,
+    # under which chunked gradients equal full-batch ones exactly (docs/distributed.md).
+    encoder_batchnorm: str = "batch"
 
     def __post_init__(self) -> None:
         """Reject values that would make the run meaningless."""
@@ -158,6 +166,15 @@ class TrainConfig:
         _check(
             self.precision in ("auto", "fp32", "bf16", "fp16"),
             f"unknown precision {self.precision!r}; use auto, fp32, bf16 or fp16",
+        )
+        _check(
+            self.dist_backend in ("auto", "nccl", "gloo"),
+            f"unknown distributed backend {self.dist_backend!r}; use auto, nccl or gloo",
+        )
+        _check(self.chunk_size is None or self.chunk_size >= 1, "chunk size must be at least 1")
+        _check(
+            self.encoder_batchnorm in ("batch", "frozen"),
+            f"unknown encoder batch-norm mode {self.encoder_batchnorm!r}; use batch or frozen",
         )
 
 

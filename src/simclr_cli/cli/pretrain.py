@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -25,7 +29,7 @@ from simclr_cli.cli._common import (
     given,
     user_errors,
 )
-from simclr_cli.errors import ConfigError
+from simclr_cli.errors import ConfigError, SimclrError
 
 if TYPE_CHECKING:
     from simclr_cli.engine.pretrain import PretrainResult
@@ -33,6 +37,7 @@ if TYPE_CHECKING:
 _MODEL = "Model"
 _OPTIM = "Optimisation"
 _RUN = "Run"
+_SCALE = "Scaling (docs/distributed.md)"
 
 
 def pretrain_command(
@@ -162,6 +167,50 @@ def pretrain_command(
             rich_help_panel=_OPTIM,
         ),
     ] = None,
+    devices: Annotated[
+        int | None,
+        typer.Option(
+            "--devices",
+            min=1,
+            help="Start this many processes on this machine, as torchrun would (one per GPU, "
+            "or CPU processes). For several machines run torchrun yourself.",
+            rich_help_panel=_SCALE,
+        ),
+    ] = None,
+    sync_bn: Annotated[
+        bool | None,
+        typer.Option(
+            "--sync-bn/--no-sync-bn",
+            help="With several processes, batch norm over the global batch (default: on).",
+            show_default=False,
+            rich_help_panel=_SCALE,
+        ),
+    ] = None,
+    dist_backend: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (NCCL on CUDA, gloo otherwise), nccl or gloo.", rich_help_panel=_SCALE
+        ),
+    ] = None,
+    chunk_size: Annotated[
+        int | None,
+        typer.Option(
+            "--chunk-size",
+            min=1,
+            help="Gradient caching: encode at most this many images at a time, so a large "
+            "--batch-size fits in little memory (one more encoder forward pass per step).",
+            rich_help_panel=_SCALE,
+        ),
+    ] = None,
+    encoder_bn: Annotated[
+        str | None,
+        typer.Option(
+            "--encoder-bn",
+            help="batch (statistics per chunk with --chunk-size; default) or frozen (running "
+            "statistics: chunked = full-batch gradients exactly).",
+            rich_help_panel=_SCALE,
+        ),
+    ] = None,
     strict: StrictOption = False,
     max_pixels: MaxPixelsOption = None,
     verbose: VerboseOption = False,
@@ -172,7 +221,13 @@ def pretrain_command(
     from simclr_cli.console import make_reporter, setup_logging
     from simclr_cli.engine.pretrain import pretrain, resume_config
 
-    setup_logging(verbose=verbose, quiet=quiet)
+    if devices is not None and devices > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # Workers get the same command line without --devices, and a fixed run folder so
+        # that no process names its own from its clock.
+        _launch(devices, out=out if resume is not None or out is not None else _default_out(data))
+        return
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    setup_logging(verbose=verbose, quiet=quiet or not main_process)
     augment = augment_choices(
         image_size=image_size,
         crop_min_area=crop_min_area,
@@ -205,8 +260,12 @@ def pretrain_command(
         checkpoint_minutes=checkpoint_minutes,
         strict=strict or None,
         max_pixels=max_pixels,
+        sync_batchnorm=sync_bn,
+        dist_backend=dist_backend,
+        chunk_size=chunk_size,
+        encoder_batchnorm=encoder_bn,
     )
-    with user_errors():
+    with user_errors() if main_process else _silent_errors():
         if resume is not None:
             if out is not None:
                 raise ConfigError("--resume continues a run in its own folder; drop -o/--out")
@@ -225,7 +284,8 @@ def pretrain_command(
                 },
             )
         result = pretrain(config, reporter=make_reporter(quiet=quiet), resume=resume is not None)
-    _render(result)
+    if main_process:
+        _render(result)
     if result.interrupted:
         raise typer.Exit(code=130)  # like any program stopped by Ctrl-C: scripts must not go on
 
@@ -259,3 +319,76 @@ def _render(result: PretrainResult) -> None:
             f"loss curve: {result.run_dir / 'loss.png'}",
             highlight=False,
         )
+
+
+@contextlib.contextmanager
+def _silent_errors() -> Iterator[None]:
+    """Ranks other than 0 exit 1 on a user error; rank 0 prints the same message once."""
+    try:
+        yield
+    except SimclrError:
+        raise typer.Exit(code=1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(code=130) from None
+
+
+def _launch(devices: int, *, out: Path | None) -> None:
+    """Run this command in `devices` processes through torch's elastic launcher.
+
+    The same launcher torchrun uses (`torch.distributed.launcher.api`), with a rendezvous on
+    127.0.0.1 at a free port, as `torchrun --standalone` does.
+    """
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from simclr_cli.console import error_console
+
+    arguments = _without_devices(sys.argv[1:])
+    named = any(a in ("-o", "--out", "--resume") or a.startswith("--out=") for a in arguments)
+    if out is not None and not named:
+        arguments += ["--out", str(out)]
+    # One thread per process unless told otherwise: N processes each using every core
+    # oversubscribe the CPU (torchrun sets the same default).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // devices)))
+    if sys.platform.startswith("linux") and Path("/sys/class/net/lo").exists():
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: loopback suffices
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=devices,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+        local_addr="127.0.0.1",
+        shutdown_timeout=120,  # on Ctrl-C, time for rank 0 to finish its step and checkpoint
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", "simclr_cli", *arguments)
+    except ChildFailedError as failure:
+        codes = {f.exitcode for f in failure.failures.values()}
+        code = 130 if 130 in codes else 1  # an interrupt stays an interrupt for scripts
+        if not codes <= {1, 130}:  # 1 and 130 were already explained by rank 0
+            error_console().print(
+                f"[bold red]error:[/] a training process failed (exit codes {sorted(codes)}); "
+                "see its messages above",
+                highlight=False,
+            )
+        raise typer.Exit(code=code) from None
+    except SignalException:  # Ctrl-C or SIGTERM: the launcher has stopped the workers by now
+        raise typer.Exit(code=130) from None
+
+
+def _without_devices(arguments: list[str]) -> list[str]:
+    kept, skip = [], False
+    for argument in arguments:
+        if skip:
+            skip = False
+        elif argument == "--devices":
+            skip = True
+        elif not argument.startswith("--devices="):
+            kept.append(argument)
+    return kept

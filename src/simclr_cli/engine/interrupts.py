@@ -11,16 +11,25 @@ __all__ = ["Interruptible", "stop_on_signal"]
 
 
 class Interruptible(Protocol):
-    """A loop state with a flag the loop checks after each step."""
+    """A loop state with flags the loop checks after each step."""
 
     interrupted: bool
 
 
 @contextmanager
-def stop_on_signal(loop: Interruptible) -> Iterator[None]:
-    """Ctrl-C or SIGTERM sets `loop.interrupted`; a second Ctrl-C aborts at once."""
+def stop_on_signal(loop: Interruptible, *, agree: bool = False) -> Iterator[None]:
+    """Ctrl-C or SIGTERM sets `loop.interrupted`; a second Ctrl-C aborts at once.
+
+    With several processes (`agree`), a signal only sets `loop.stop_requested`: the loop's
+    next reduction stops every process after the same step. Repeated signals do not abort
+    then, because torchrun forwards the terminal's Ctrl-C, which each worker also receives
+    directly.
+    """
 
     def request_stop(signum: int, frame: object) -> None:
+        if agree:
+            loop.stop_requested = True  # type: ignore[attr-defined]
+            return
         if loop.interrupted:
             raise KeyboardInterrupt
         loop.interrupted = True

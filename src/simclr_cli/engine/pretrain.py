@@ -4,6 +4,10 @@ Phases: device, run folder, data, model and optimiser, resume, loop, export. All
 comes from named streams of the run seed (`simclr_cli.seeding`): model init, each epoch's
 order and each step's augmentations. A run resumed from any checkpoint therefore replays the
 same batches, views, learning rates and losses as one that was never interrupted.
+
+Under torchrun every process runs this module on its share of each global batch
+(`engine/parallel_step.py`, docs/distributed.md); rank 0 alone writes the run folder and
+reports progress. With one process and no `chunk_size` the step is the plain one below.
 """
 
 from __future__ import annotations
@@ -35,9 +39,12 @@ from simclr_cli.config import (
 from simclr_cli.data.augment import make_views
 from simclr_cli.data.images import RUN_MARKER, scan_images
 from simclr_cli.data.loader import ImageBatches, SkipLog, batches_per_epoch, default_num_workers
-from simclr_cli.device import Precision, autocast, resolve_device, resolve_precision
+from simclr_cli.device import Precision, autocast, resolve_precision
+from simclr_cli.distributed import DistContext, convert_sync_batchnorm, setup, teardown
+from simclr_cli.engine.grad_cache import freeze_batchnorm
 from simclr_cli.engine.interrupts import stop_on_signal
 from simclr_cli.engine.metrics import MetricsLog, plot_loss_curve
+from simclr_cli.engine.parallel_step import EpochShard, StepViews, batch_gradients
 from simclr_cli.engine.progress import NullReporter, Reporter
 from simclr_cli.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from simclr_cli.loss import nt_xent_loss
@@ -65,6 +72,7 @@ RESUMABLE_FIELDS = frozenset(
         "checkpoint_minutes",
         "strict",
         "max_pixels",
+        "dist_backend",
     }
 )
 
@@ -98,6 +106,7 @@ class _Loop:
     dataset: dict[str, Any] = field(default_factory=dict)  # size and fingerprint of the images
     interrupted: bool = False
     epoch_mean_loss: float = math.nan
+    stop_requested: bool = False  # several processes: a signal here, not yet agreed by all
 
 
 def resume_config(
@@ -131,7 +140,8 @@ def resume_config(
         raise ConfigError(
             f"cannot change {', '.join(refused)} when resuming: that would silently change the "
             "run; start a new run instead (resume may change --epochs, --device, --workers, "
-            "--cache-limit-gb, --checkpoint-minutes, --strict and --max-pixels)"
+            "--cache-limit-gb, --checkpoint-minutes, --strict, --max-pixels, --dist-backend "
+            "and the number of processes)"
         )
     if data is not None and Path(data).resolve() != Path(saved.train.data_dir).resolve():
         raise ConfigError(
@@ -146,13 +156,34 @@ def pretrain(
     config: RunConfig, *, reporter: Reporter | None = None, resume: bool = False
 ) -> PretrainResult:
     """Train (or resume) a run and export its encoder; see the module docstring."""
-    reporter = reporter or NullReporter()
     started = time.monotonic()
-    device = resolve_device(config.train.device)
+    context, device = setup(config.train.device, config.train.dist_backend)
+    try:
+        # Rank 0's config everywhere: its default run-folder name carries its clock.
+        config = context.broadcast_object(config)
+        if not context.is_main:
+            reporter = NullReporter()
+        return _pretrain(
+            config, context, device, reporter or NullReporter(), resume=resume, started=started
+        )
+    finally:
+        teardown(context)
+
+
+def _pretrain(
+    config: RunConfig,
+    context: DistContext,
+    device: torch.device,
+    reporter: Reporter,
+    *,
+    resume: bool,
+    started: float,
+) -> PretrainResult:
     precision = resolve_precision(config.train.precision, device)
     run_dir = Path(config.train.out_dir)
     paths = _scan(config.train, run_dir)
-    reporter.message(_banner(config, device=device, precision=precision, run_dir=run_dir))
+    banner = _banner(config, device=device, precision=precision, run_dir=run_dir)
+    reporter.message(banner + _parallel_banner(config.train, context))
     skip_log = SkipLog(strict=config.train.strict)
     data = _prepare_data(
         config.train,
@@ -161,18 +192,21 @@ def pretrain(
         skip_log=skip_log,
         reporter=reporter,
     )
-    run_dir = _prepare_run_dir(config, resume=resume)  # only once the data is known to be usable
+    # Only once the data is known to be usable; rank 0 writes, and its errors reach every rank.
+    context.on_main(lambda: _prepare_run_dir(config, resume=resume))
     num_images = len(data.readable_indices)
-    loop = _build_loop(config, device, precision)
+    loop = _build_loop(config, device, precision, context)
     loop.dataset = _dataset_identity(data, config.train.data_dir)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl") if context.is_main else _NoMetrics()
     if resume:
-        _restore(loop, config, run_dir, metrics, reporter)
-    metrics.append(
-        _start_record(config, device=device, precision=precision, loop=loop, num_images=num_images)
+        _restore(loop, config, run_dir, metrics, reporter)  # every rank loads the same file
+    context.broadcast_module(loop.model)
+    record = _start_record(
+        config, device=device, precision=precision, loop=loop, num_images=num_images
     )
+    metrics.append({**record, **_parallel_record(config.train, context)})
 
-    with stop_on_signal(loop):
+    with stop_on_signal(loop, agree=context.enabled):
         _train(
             loop,
             config,
@@ -182,10 +216,12 @@ def pretrain(
             run_dir=run_dir,
             metrics=metrics,
             reporter=reporter,
+            context=context,
         )
 
-    plot_loss_curve(metrics.read(), run_dir / "loss.png")
-    if not loop.interrupted:
+    if context.is_main:
+        plot_loss_curve(metrics.read(), run_dir / "loss.png")
+    if not loop.interrupted and context.is_main:
         training = {
             "epochs": config.train.epochs,
             "steps": loop.step,
@@ -339,8 +375,12 @@ def _initial_network(config: RunConfig) -> SimCLRModel:
     return build_model(config.model, image_size=config.augment.image_size)
 
 
-def _build_loop(config: RunConfig, device: torch.device, precision: Precision) -> _Loop:
+def _build_loop(
+    config: RunConfig, device: torch.device, precision: Precision, context: DistContext
+) -> _Loop:
     model = _initial_network(config).to(device)
+    if context.enabled and config.train.sync_batchnorm:
+        model = convert_sync_batchnorm(model, device)  # type: ignore[assignment]
     model = model.to(memory_format=torch.channels_last)
     lr = resolved_lr(config.optim, config.train.global_batch_size)
     optimizer = build_optimizer(model, config.optim, lr=lr)
@@ -389,12 +429,13 @@ def _restore(
 
 def _check_same_run(saved: dict[str, Any], config: RunConfig, path: Path) -> None:
     current = config.to_dict()
+    defaults = RunConfig().to_dict()  # settings added since the checkpoint had their default
     differences = [
         f"{part}.{key}"
         for part, values in current.items()
         for key, value in values.items()
         if not (part == "train" and key in RESUMABLE_FIELDS)
-        and _plain(saved.get(part, {}).get(key)) != _plain(value)
+        and _plain(saved.get(part, {}).get(key, defaults[part][key])) != _plain(value)
     ]
     if differences:
         raise CheckpointError(
@@ -417,10 +458,20 @@ def _train(
     run_dir: Path,
     metrics: MetricsLog,
     reporter: Reporter,
+    context: DistContext,
 ) -> None:
     """Run epochs from the loop's position until done or interrupted."""
     train = config.train
     num_images = len(data.readable_indices)
+    if min(train.global_batch_size, num_images) < context.world_size:
+        raise ConfigError(
+            f"a batch of {min(train.global_batch_size, num_images)} images cannot be shared by "
+            f"{context.world_size} processes; use a larger --batch-size or fewer processes"
+        )
+    # Processes, chunks and frozen encoder batch norm take the general step; else the plain one.
+    parallel = (
+        context.enabled or train.chunk_size is not None or train.encoder_batchnorm == "frozen"
+    )
     steps_per_epoch = batches_per_epoch(num_images, train.global_batch_size)
     total_steps = steps_per_epoch * train.epochs
     schedule = {
@@ -437,9 +488,19 @@ def _train(
             order = _epoch_order(
                 train, loop.epoch, num_images=num_images, steps_per_epoch=steps_per_epoch
             )
-            start = loop.batch_in_epoch * train.global_batch_size
-            for batch in data.iterate(order[start:], batch_size=train.global_batch_size):
-                _step(loop, config, batch, device=device, precision=precision, schedule=schedule)
+            shard = EpochShard(order, train.global_batch_size, context, data.readable_indices)
+            for batch in data.iterate(
+                shard.local_order(loop.batch_in_epoch), batch_size=shard.share
+            ):
+                _step(
+                    loop,
+                    config,
+                    batch,
+                    device=device,
+                    precision=precision,
+                    schedule=schedule,
+                    parallel=(context, shard) if parallel else None,
+                )
                 metrics.append(
                     {
                         "kind": "step",
@@ -454,13 +515,15 @@ def _train(
                 if loop.interrupted:
                     break
                 if time.monotonic() - last_save > train.checkpoint_minutes * 60:
-                    _save(loop, config, run_dir)
+                    if context.is_main:  # no collective here: the other ranks need not agree
+                        _save(loop, config, run_dir)
                     last_save = time.monotonic()
             else:
-                _finish_epoch(loop, config, run_dir, metrics, reporter)
+                _finish_epoch(loop, config, run_dir, metrics, reporter, context)
                 last_save = time.monotonic()
         if loop.interrupted:
-            _save(loop, config, run_dir)
+            if context.is_main:
+                _save(loop, config, run_dir)
             reporter.message(
                 f"interrupted: checkpoint saved at step {loop.step}; "
                 f"continue with: simclr pretrain --resume {run_dir}"
@@ -477,12 +540,19 @@ def _step(
     device: torch.device,
     precision: Precision,
     schedule: dict[str, Any],
+    parallel: tuple[DistContext, EpochShard] | None = None,
 ) -> None:
     """One optimisation step on one batch of decoded canvases."""
     started = time.perf_counter()
     lr = learning_rate_at(loop.step, **schedule)
     for group in loop.optimizer.param_groups:
         group["lr"] = lr
+    if parallel is not None:
+        seen = _parallel_step(loop, config, batch, device, precision, *parallel)
+        loop.step += 1
+        loop.batch_in_epoch += 1
+        loop.images_per_s = seen / max(time.perf_counter() - started, 1e-9)
+        return
 
     # Two views of every image, drawn from this step's own random stream.
     canvases = batch.canvases.to(device, non_blocking=True)
@@ -509,6 +579,55 @@ def _step(
     loop.step += 1
     loop.batch_in_epoch += 1
     loop.images_per_s = half / max(time.perf_counter() - started, 1e-9)
+
+
+def _parallel_step(
+    loop: _Loop,
+    config: RunConfig,
+    batch: Any,
+    device: torch.device,
+    precision: Precision,
+    context: DistContext,
+    shard: EpochShard,
+) -> int:
+    """The step across processes and/or in chunks; returns the images of the global batch."""
+    rows = shard.rows(loop.batch_in_epoch, batch.indices) if context.enabled else None
+    generator = generator_for(config.train.seed, "augment", loop.step)
+    views = StepViews.draw(
+        batch, config.augment, generator, device=device, rows=rows, global_rows=shard.global_rows
+    )
+    loop.model.train()
+    if config.train.encoder_batchnorm == "frozen":
+        freeze_batchnorm(loop.model.backbone)
+    loop.optimizer.zero_grad(set_to_none=True)
+    scaler = loop.scaler
+
+    def check(loss: float) -> None:
+        if not math.isfinite(loss):  # the same global value on every rank: all stop together
+            raise NonFiniteLossError(
+                f"the loss became {loss} at step {loop.step}; the last checkpoint was kept. "
+                "Try a lower learning rate (--lr), a higher --temperature, or --precision fp32"
+            )
+
+    result = batch_gradients(
+        loop.model,
+        views,
+        temperature=config.train.temperature,
+        context=context,
+        chunk_size=config.train.chunk_size,
+        autocast=lambda: autocast(device, precision),
+        scale=scaler.scale if scaler is not None else (lambda loss: loss),
+        check=check,
+        stop_requested=loop.stop_requested,
+    )
+    if scaler is not None:
+        scaler.step(loop.optimizer)
+        scaler.update()
+    else:
+        loop.optimizer.step()
+    loop.last_loss = result.loss
+    loop.interrupted = loop.interrupted or result.stop
+    return result.images
 
 
 def _epoch_order(
@@ -542,20 +661,26 @@ def _shown(loop: _Loop, *, epoch: int) -> dict[str, float]:
 
 
 def _finish_epoch(
-    loop: _Loop, config: RunConfig, run_dir: Path, metrics: MetricsLog, reporter: Reporter
+    loop: _Loop,
+    config: RunConfig,
+    run_dir: Path,
+    metrics: MetricsLog,
+    reporter: Reporter,
+    context: DistContext,
 ) -> None:
     """Summarise the epoch, checkpoint, and redraw the loss curve."""
     # From the log, not memory: an epoch interrupted and resumed still averages all its steps.
     losses = [
         r["loss"] for r in metrics.read() if r["kind"] == "step" and r["epoch"] == loop.epoch + 1
     ]
-    mean_loss = sum(losses) / max(len(losses), 1)
+    mean_loss = context.broadcast_object(sum(losses) / max(len(losses), 1))  # rank 0 logs
     loop.epoch += 1
     loop.batch_in_epoch = 0
     loop.epoch_mean_loss = mean_loss
     metrics.append({"kind": "epoch", "step": loop.step, "epoch": loop.epoch, "loss": mean_loss})
-    _save(loop, config, run_dir)
-    plot_loss_curve(metrics.read(), run_dir / "loss.png")
+    if context.is_main:
+        _save(loop, config, run_dir)
+        plot_loss_curve(metrics.read(), run_dir / "loss.png")
     reporter.message(
         f"epoch {loop.epoch}/{config.train.epochs}: mean loss {mean_loss:.4f}, step {loop.step}, "
         "checkpoint saved"
@@ -583,3 +708,45 @@ def _save(loop: _Loop, config: RunConfig, run_dir: Path) -> None:
             f"could not write a checkpoint to {run_dir} ({error.strerror or error}); "
             "the previous checkpoint is intact. Free some space or choose another --out"
         ) from None
+
+
+class _NoMetrics(MetricsLog):
+    """The log as ranks other than 0 see it: rank 0 alone writes `metrics.jsonl`."""
+
+    def __init__(self) -> None:
+        """Nothing to open."""
+        super().__init__(Path(os.devnull))
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Discard."""
+
+    def read(self) -> list[dict[str, Any]]:
+        """Nothing logged here."""
+        return []
+
+    def truncate_after(self, step: int) -> None:
+        """Nothing to truncate."""
+
+
+def _parallel_record(train: TrainConfig, context: DistContext) -> dict[str, Any]:
+    """Processes, backend and batch-norm handling, logged in the start record."""
+    return {
+        "world_size": context.world_size,
+        "dist_backend": context.backend or None,
+        "sync_batchnorm": bool(context.enabled and train.sync_batchnorm),
+        "per_process_batch": train.global_batch_size / context.world_size,
+        "chunk_size": train.chunk_size,
+        "encoder_batchnorm": train.encoder_batchnorm,
+    }
+
+
+def _parallel_banner(train: TrainConfig, context: DistContext) -> str:
+    parts = []
+    if context.enabled:
+        bn = "synchronised" if train.sync_batchnorm else "per-process"
+        parts.append(f"{context.world_size} processes ({context.backend}, {bn} batch norm)")
+    if train.chunk_size is not None:
+        parts.append(f"chunks of {train.chunk_size} images")
+    if train.encoder_batchnorm == "frozen":
+        parts.append("frozen encoder batch norm")
+    return "".join(f" | {part}" for part in parts)
