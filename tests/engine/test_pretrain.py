@@ -91,7 +91,9 @@ def test_interrupted_then_resumed_run_matches_an_uninterrupted_one(
 
 def test_loss_goes_down_over_a_short_run(digits_folder: Path, tmp_path: Path) -> None:
     # On real digits the mean NT-Xent loss of the last epoch is well below the first's.
-    config = tiny_config(digits_folder, tmp_path / "run", epochs=4)
+    # Measured: 3.45 -> 2.87 with 2 threads, 3.45 -> 2.81 with 1 (float sums differ by thread
+    # count, so 4 epochs' smaller drop was too close to the margin on one thread).
+    config = tiny_config(digits_folder, tmp_path / "run", epochs=6)
     config = replace(
         config,
         optim=OptimConfig(optimizer="adamw", base_lr=1e-3, lr_scaling="none", warmup_epochs=1),
@@ -99,8 +101,8 @@ def test_loss_goes_down_over_a_short_run(digits_folder: Path, tmp_path: Path) ->
     pretrain(config)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     epochs = [r["loss"] for r in map(json.loads, lines) if r["kind"] == "epoch"]
-    assert len(epochs) == 4
-    assert epochs[-1] < epochs[0] - 0.2
+    assert len(epochs) == 6
+    assert epochs[-1] < epochs[0] - 0.3
 
 
 def test_resume_refuses_settings_that_would_change_the_run(
