@@ -69,3 +69,89 @@ def few_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def digits_test_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """100 other real digits, 10 per class."""
     return write_digits(tmp_path_factory.mktemp("digits_test"), per_class=10, offset=400)
+
+
+# Photos from scikit-image (licences in docs/datasets.md) used for near-duplicate tests.
+TEST_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "horse", "rocket")
+COPY_KINDS = ("jpeg", "half", "crop")
+
+
+def photo(name: str) -> Image.Image:
+    """A scikit-image sample photo (or sklearn's china/flower) as RGB."""
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        return Image.fromarray(load_sample_image(f"{name}.jpg"))
+    from skimage import data as skdata
+
+    return Image.fromarray(getattr(skdata, name)()).convert("RGB")
+
+
+def write_copy(image: Image.Image, kind: str, folder: Path, stem: str) -> Path:
+    """One near-copy: re-encoded as JPEG q50, halved in size, or with 5% cut from every side."""
+    width, height = image.size
+    if kind == "jpeg":
+        path = folder / f"{stem}__jpeg.jpg"
+        image.save(path, quality=50)
+    elif kind == "half":
+        path = folder / f"{stem}__half.png"
+        image.resize((width // 2, height // 2), Image.Resampling.LANCZOS).save(path)
+    elif kind == "crop":
+        path = folder / f"{stem}__crop.jpg"
+        dx, dy = int(width * 0.05), int(height * 0.05)
+        image.crop((dx, dy, width - dx, height - dy)).save(path, quality=85)
+    else:
+        raise ValueError(kind)
+    return path
+
+
+def write_photos_with_copies(root: Path, names: tuple[str, ...] = TEST_PHOTOS) -> Path:
+    """Each photo as <name>.png plus its three near-copies <name>__<kind>.*, in one folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        image = photo(name)
+        image.save(root / f"{name}.png")
+        for kind in COPY_KINDS:
+            write_copy(image, kind, root, name)
+    return root
+
+
+def family(path: str | Path) -> str:
+    """The photo a file was made from: chelsea__jpeg.jpg -> chelsea."""
+    return Path(path).stem.split("__")[0]
+
+
+@pytest.fixture(scope="session")
+def photos_with_copies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 real photos and 3 near-copies of each (32 files)."""
+    return write_photos_with_copies(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture(scope="session")
+def random_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 16 px ResNet-18 (seed 0) exported like a finished run."""
+    from simclr_cli.checkpoint import save_exported_model
+    from simclr_cli.config import AugmentConfig, RunConfig
+    from simclr_cli.engine.pretrain import initial_model
+    from simclr_cli.models.export import export_config
+
+    config = RunConfig(augment=AugmentConfig(image_size=16))
+    model = initial_model(config)
+    state = {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}
+    assert model.projection_head is not None
+    state.update({f"projection_head.{k}": v for k, v in model.projection_head.state_dict().items()})
+    folder = tmp_path_factory.mktemp("random_encoder")
+    save_exported_model(folder, state, export_config(config, {}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def photo_index(
+    tmp_path_factory: pytest.TempPathFactory, photos_with_copies: Path, random_encoder: Path
+) -> Path:
+    """vecs.npy (+ manifest and json) of the photos and copies, from the random encoder."""
+    from simclr_cli.engine.embed import EmbedOptions, embed_folder
+
+    out = tmp_path_factory.mktemp("photo_index") / "vecs.npy"
+    embed_folder(photos_with_copies, random_encoder, out, options=EmbedOptions(num_workers=0))
+    return out

@@ -12,7 +12,10 @@ import typer
 
 from simclr_cli import __version__
 from simclr_cli.cli.demo import demo_command
+from simclr_cli.cli.duplicates import duplicates_command
 from simclr_cli.cli.embed import embed_command
+from simclr_cli.cli.map import map_command
+from simclr_cli.cli.neighbors import neighbors_command
 from simclr_cli.cli.pretrain import pretrain_command
 
 app = typer.Typer(
@@ -26,6 +29,9 @@ app = typer.Typer(
 app.command("pretrain")(pretrain_command)
 app.command("embed")(embed_command)
 app.command("demo")(demo_command)
+app.command("neighbors")(neighbors_command)
+app.command("duplicates")(duplicates_command)
+app.command("map")(map_command)
 
 
 def _print_version(value: bool) -> None:
