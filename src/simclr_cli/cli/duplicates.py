@@ -20,8 +20,8 @@ def duplicates_command(
             "-t",
             min=-1.0,
             max=1.0,
-            help="Cosine similarity at or above which two images are linked (default 0.95, "
-            "measured on real photos with a pretrained model; see docs/neighbors.md). It "
+            help="Cosine similarity at or above which two images are linked (default 0.97, "
+            "no false group on real photos with a briefly trained model; docs/neighbors.md). It "
             "depends on the model: check the sheet, lower it to catch more, raise it for fewer.",
             show_default=False,
         ),

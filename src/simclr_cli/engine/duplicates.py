@@ -31,7 +31,7 @@ __all__ = [
 
 # Measured with benchmarks/duplicates_threshold.py (docs/neighbors.md): it depends on the
 # model, so the command prints it and users are told to check the sheet.
-DEFAULT_THRESHOLD = 0.95
+DEFAULT_THRESHOLD = 0.97
 
 
 @dataclass(frozen=True)
