@@ -60,7 +60,7 @@ def test_exact_pairs_match_brute_force_at_a_threshold(digit_vectors: np.ndarray)
 
 def test_auto_is_exact_for_small_indexes_and_approx_needs_faiss(monkeypatch) -> None:
     # auto never builds a graph for a small search; approx without faiss says how to get it.
-    assert choose_method("auto", rows=50_000, queries=50_000) == "exact"
+    assert choose_method("auto", rows=150_000, queries=150_000) == "exact"
     assert choose_method("auto", rows=1_000_000, queries=1) == "exact"
     monkeypatch.setattr(search, "approx_available", lambda: False)
     assert choose_method("auto", rows=1_000_000, queries=1_000_000) == "exact"
