@@ -63,3 +63,28 @@ def test_approximate_grouping_agrees_with_exact(photo_index: Path) -> None:
     exact = find_duplicates(embeddings, threshold=RANDOM_ENCODER_THRESHOLD, method="exact")
     approx = find_duplicates(embeddings, threshold=RANDOM_ENCODER_THRESHOLD, method="approx")
     assert [g.rows for g in exact] == [g.rows for g in approx]
+
+
+def test_progress_is_reported_up_to_every_row(photo_index: Path) -> None:
+    # The reporter sees the phase start with N rows and advance to N in chunks.
+    class Recorder:
+        def __init__(self) -> None:
+            self.events: list[tuple[str, int]] = []
+
+        def start(self, *, task: str, total: int, completed: int = 0, unit: str = "step") -> None:
+            self.events.append(("start", total))
+
+        def advance(self, *, completed: int, metrics: dict[str, float]) -> None:
+            self.events.append(("advance", completed))
+
+        def message(self, text: str) -> None:
+            pass
+
+        def stop(self) -> None:
+            self.events.append(("stop", 0))
+
+    recorder = Recorder()
+    embeddings = load_embeddings(photo_index)
+    find_duplicates(embeddings, threshold=0.99, method="exact", reporter=recorder)
+    assert recorder.events[0] == ("start", 32) and recorder.events[-1] == ("stop", 0)
+    assert recorder.events[-2] == ("advance", 32)

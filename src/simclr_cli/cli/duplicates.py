@@ -39,7 +39,7 @@ def duplicates_command(
     quiet: QuietOption = False,
 ) -> None:
     """Find groups of near-duplicate images (linked above the threshold), largest first."""
-    from simclr_cli.console import output_console, setup_logging
+    from simclr_cli.console import make_reporter, output_console, setup_logging
     from simclr_cli.device import resolve_device
     from simclr_cli.engine.duplicates import (
         DEFAULT_THRESHOLD,
@@ -55,7 +55,11 @@ def duplicates_command(
     with user_errors():
         embeddings = load_embeddings(index)
         groups = find_duplicates(
-            embeddings, threshold=threshold, method=search, device=resolve_device(device)
+            embeddings,
+            threshold=threshold,
+            method=search,
+            device=resolve_device(device),
+            reporter=make_reporter(quiet=quiet),
         )
         write_groups_csv(groups, embeddings, out)
         sheet = save_png(

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from simclr_cli.engine.embeddings import Embeddings
+from simclr_cli.engine.progress import NullReporter, Reporter
 from simclr_cli.engine.search import pairs_above
 from simclr_cli.engine.sheets import Tile, draw_grid, load_thumbnails
 from simclr_cli.errors import ConfigError
@@ -72,19 +73,27 @@ def find_duplicates(
     threshold: float = DEFAULT_THRESHOLD,
     method: str = "auto",
     device: torch.device | None = None,
+    reporter: Reporter | None = None,
 ) -> list[DuplicateGroup]:
     """Groups of two or more rows, largest first (ties: most similar first, then row order)."""
     if not -1.0 <= threshold <= 1.0:
         raise ConfigError(f"the threshold is a cosine similarity in [-1, 1], got {threshold}")
     sets = _DisjointSets(embeddings.rows)
     best = np.full(embeddings.rows, -np.inf)
+    reporter = reporter or NullReporter()
+    reporter.start(task="duplicates", total=embeddings.rows, unit="row")
     for i, j, similarity in pairs_above(
-        embeddings.vectors, threshold, method=method, device=device
+        embeddings.vectors,
+        threshold,
+        method=method,
+        device=device,
+        progress=lambda done: reporter.advance(completed=done, metrics={}),
     ):
         for a, b, value in zip(i.tolist(), j.tolist(), similarity.tolist(), strict=True):
             sets.union(a, b)
             best[a] = max(best[a], value)
             best[b] = max(best[b], value)
+    reporter.stop()
     members: dict[int, list[int]] = {}
     for row in np.flatnonzero(np.isfinite(best)).tolist():
         members.setdefault(sets.find(row), []).append(row)

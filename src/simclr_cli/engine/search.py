@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,13 +169,16 @@ def pairs_above(
     device: torch.device | None = None,
     approx_neighbors: int = 32,
     chunk_rows: int = 4096,
+    progress: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """All pairs of rows i < j with cosine similarity >= threshold, in batches (i, j, sim).
 
     Exact search compares every pair, chunk by chunk, N^2/2 products in all. Approximate search
     looks only at each row's `approx_neighbors` nearest rows: a group larger than that is still
     found whole as long as its members are linked through chains of near neighbours.
+    `progress` is called with the number of rows whose pairs are all found so far.
     """
+    progress = progress or (lambda done: None)
     rows = bank.shape[0]
     method = choose_method(method, rows=rows, queries=rows)
     if method == "approx":
@@ -185,15 +188,25 @@ def pairs_above(
             i = torch.arange(start, start + len(unit))[:, None].expand_as(found.indices)  # (c, k)
             keep = (found.similarities >= threshold) & (found.indices > i)
             yield i[keep], found.indices[keep], found.similarities[keep]
+            progress(start + len(unit))
         return
     yield from _exact_pairs(
-        bank, threshold, device=device or torch.device("cpu"), chunk_rows=chunk_rows
+        bank,
+        threshold,
+        device=device or torch.device("cpu"),
+        chunk_rows=chunk_rows,
+        progress=progress,
     )
 
 
 @torch.no_grad()
 def _exact_pairs(
-    bank: npt.NDArray[np.floating], threshold: float, *, device: torch.device, chunk_rows: int
+    bank: npt.NDArray[np.floating],
+    threshold: float,
+    *,
+    device: torch.device,
+    chunk_rows: int,
+    progress: Callable[[int], None],
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     # (4096, 4096) float32 similarity blocks by default: 64 MiB each.
     for a0, rows_a in _bank_chunks(bank, device, chunk_rows):
@@ -204,3 +217,5 @@ def _exact_pairs(
             i, j = i + a0, j + b0
             upper = i < j  # each pair once, no self-pairs
             yield i[upper].cpu(), j[upper].cpu(), similarity[i[upper] - a0, j[upper] - b0].cpu()
+        # Limitation: later blocks compare fewer pairs, so an ETA from rows overestimates.
+        progress(a0 + len(rows_a))
