@@ -190,3 +190,71 @@ def hub_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> HubCache:
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return HubCache(home / "hub")
+
+
+# Photos from scikit-image (licences in docs/datasets.md) used for near-duplicate tests.
+TEST_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "horse", "rocket")
+COPY_KINDS = ("jpeg", "half", "crop")
+
+
+def photo(name: str) -> Image.Image:
+    """A scikit-image sample photo (or sklearn's china/flower) as RGB."""
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        return Image.fromarray(load_sample_image(f"{name}.jpg"))
+    from skimage import data as skdata
+
+    return Image.fromarray(getattr(skdata, name)()).convert("RGB")
+
+
+def write_copy(image: Image.Image, kind: str, folder: Path, stem: str) -> Path:
+    """One near-copy: re-encoded as JPEG q50, halved in size, or with 5% cut from every side."""
+    width, height = image.size
+    if kind == "jpeg":
+        path = folder / f"{stem}__jpeg.jpg"
+        image.save(path, quality=50)
+    elif kind == "half":
+        path = folder / f"{stem}__half.png"
+        image.resize((width // 2, height // 2), Image.Resampling.LANCZOS).save(path)
+    elif kind == "crop":
+        path = folder / f"{stem}__crop.jpg"
+        dx, dy = int(width * 0.05), int(height * 0.05)
+        image.crop((dx, dy, width - dx, height - dy)).save(path, quality=85)
+    else:
+        raise ValueError(kind)
+    return path
+
+
+def write_photos_with_copies(root: Path, names: tuple[str, ...] = TEST_PHOTOS) -> Path:
+    """Each photo as <name>.png plus its three near-copies <name>__<kind>.*, in one folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        image = photo(name)
+        image.save(root / f"{name}.png")
+        for kind in COPY_KINDS:
+            write_copy(image, kind, root, name)
+    return root
+
+
+def family(path: str | Path) -> str:
+    """The photo a file was made from: chelsea__jpeg.jpg -> chelsea."""
+    return Path(path).stem.split("__")[0]
+
+
+@pytest.fixture(scope="session")
+def photos_with_copies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 real photos and 3 near-copies of each (32 files)."""
+    return write_photos_with_copies(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture(scope="session")
+def photo_index(
+    tmp_path_factory: pytest.TempPathFactory, photos_with_copies: Path, encoder_dir: Path
+) -> Path:
+    """vecs.npy (+ manifest and json) of the photos and copies, from the random encoder."""
+    from simclr_cli.engine.embed import EmbedOptions, embed_folder
+
+    out = tmp_path_factory.mktemp("photo_index") / "vecs.npy"
+    embed_folder(photos_with_copies, encoder_dir, out, options=EmbedOptions(num_workers=0))
+    return out

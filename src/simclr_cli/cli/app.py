@@ -13,9 +13,12 @@ import typer
 from simclr_cli import __version__
 from simclr_cli.cli.convert import convert_command
 from simclr_cli.cli.demo import demo_command
+from simclr_cli.cli.duplicates import duplicates_command
 from simclr_cli.cli.embed import embed_command
 from simclr_cli.cli.eval import eval_command
 from simclr_cli.cli.finetune import finetune_command
+from simclr_cli.cli.map import map_command
+from simclr_cli.cli.neighbors import neighbors_command
 from simclr_cli.cli.predict import predict_command
 from simclr_cli.cli.pretrain import pretrain_command
 from simclr_cli.cli.preview import augment_preview_command
@@ -38,6 +41,9 @@ app.command("augment-preview")(augment_preview_command)
 app.command("demo")(demo_command)
 app.command("convert")(convert_command)
 app.command("push")(push_command)
+app.command("neighbors")(neighbors_command)
+app.command("duplicates")(duplicates_command)
+app.command("map")(map_command)
 
 
 def _print_version(value: bool) -> None:

@@ -1,0 +1,92 @@
+"""Measure what `simclr duplicates` finds on real photos with planted near-copies.
+
+Writes 19 public-domain/CC photos (scikit-image, scikit-learn; docs/datasets.md) and three
+near-copies of each (JPEG quality 50, half size, 5% cut from every side) into PHOTOS, embeds
+them with each MODEL, and prints per model: the lowest similarity of a copy to its original,
+the highest similarity between different photos, and what the default threshold finds.
+
+    python benchmarks/duplicates_threshold.py --photos /tmp/photos --model RUN [--model RUN2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import family, write_photos_with_copies  # noqa: E402
+from simclr_cli.engine.duplicates import DEFAULT_THRESHOLD, find_duplicates  # noqa: E402
+from simclr_cli.engine.embed import EmbedOptions, embed_folder  # noqa: E402
+from simclr_cli.engine.embeddings import load_embeddings  # noqa: E402
+
+PHOTOS = (
+    "astronaut", "brick", "camera", "cell", "chelsea", "coffee", "coins", "grass", "gravel",
+    "horse", "hubble_deep_field", "immunohistochemistry", "microaneurysms", "retina", "rocket",
+    "text", "clock", "china", "flower",
+)  # fmt: skip
+
+
+def measure(photos: Path, model: Path, work: Path, thresholds: list[float]) -> list[str]:
+    """Markdown table rows for this model, one per threshold."""
+    out = work / f"{model.name}.npy"
+    embed_folder(photos, model, out, options=EmbedOptions(num_workers=0, device="cpu"))
+    embeddings = load_embeddings(out)
+    unit = np.asarray(embeddings.vectors, dtype=np.float64)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    similarity = unit @ unit.T  # (N, N)
+    families = [family(p) for p in embeddings.paths]
+    original = {
+        f: i
+        for i, (f, p) in enumerate(zip(families, embeddings.paths, strict=True))
+        if "__" not in p.stem
+    }
+    copies = [
+        (i, original[f])
+        for i, (f, p) in enumerate(zip(families, embeddings.paths, strict=True))
+        if "__" in p.stem
+    ]
+    copy_low = min(similarity[i, j] for i, j in copies)
+    same = np.array([[a == b for b in families] for a in families])
+    different = np.where(same, -np.inf, similarity)
+    a, b = np.unravel_index(np.argmax(different), different.shape)
+    rows = []
+    for threshold in thresholds:
+        groups = find_duplicates(embeddings, threshold=threshold, method="exact")
+        group_of = {row: n for n, g in enumerate(groups) for row in g.rows}
+        found = sum(1 for i, j in copies if i in group_of and group_of.get(j) == group_of[i])
+        mixed = [g for g in groups if len({families[r] for r in g.rows}) > 1]
+        photos_in_mixed = sum(len({families[r] for r in g.rows}) for g in mixed)
+        rows.append(
+            f"| {model.name} | {copy_low:.4f} | {different[a, b]:.4f} ({families[a]} / "
+            f"{families[b]}) | {threshold} | {found}/{len(copies)} | {len(groups)} "
+            f"| {len(mixed)} ({photos_in_mixed} photos) |"
+        )
+    return rows
+
+
+def main() -> None:
+    """Write the photos if needed, then print one table row per model."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--photos", type=Path, required=True, help="folder to write photos into")
+    parser.add_argument("--model", type=Path, action="append", required=True)
+    parser.add_argument("--threshold", type=float, action="append", help="repeatable")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/duplicates-benchmark"))
+    args = parser.parse_args()
+    if not any(args.photos.glob("*.png")):
+        write_photos_with_copies(args.photos, PHOTOS)
+    args.work.mkdir(parents=True, exist_ok=True)
+    print(
+        "| model | lowest copy-original cos | highest different-photo cos | threshold "
+        "| copies grouped with original | groups | groups mixing photos |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for model in args.model:
+        for row in measure(args.photos, model, args.work, args.threshold or [DEFAULT_THRESHOLD]):
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""`simclr duplicates`: groups of near-duplicate images, as a CSV and a contact sheet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from simclr_cli.cli._common import DeviceOption, QuietOption, VerboseOption, user_errors
+from simclr_cli.cli.neighbors import IndexOption, SearchOption
+
+
+def duplicates_command(
+    index: IndexOption,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--threshold",
+            "-t",
+            min=-1.0,
+            max=1.0,
+            help="Cosine similarity at or above which two images are linked (default 0.97, "
+            "no false group on real photos with a briefly trained model; docs/neighbors.md). It "
+            "depends on the model: check the sheet, lower it to catch more, raise it for fewer.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Groups as CSV; the sheet is written beside it as .png."),
+    ] = Path("duplicates.csv"),
+    sheet_groups: Annotated[
+        int, typer.Option("--sheet-groups", min=1, help="Largest groups drawn on the sheet.")
+    ] = 20,
+    search: SearchOption = "auto",
+    device: DeviceOption = "auto",
+    verbose: VerboseOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Find groups of near-duplicate images (linked above the threshold), largest first."""
+    from simclr_cli.console import make_reporter, output_console, setup_logging
+    from simclr_cli.device import resolve_device
+    from simclr_cli.engine.duplicates import (
+        DEFAULT_THRESHOLD,
+        duplicates_sheet,
+        find_duplicates,
+        write_groups_csv,
+    )
+    from simclr_cli.engine.embeddings import load_embeddings
+    from simclr_cli.engine.sheets import save_png
+
+    setup_logging(verbose=verbose, quiet=quiet)
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    with user_errors():
+        embeddings = load_embeddings(index)
+        groups = find_duplicates(
+            embeddings,
+            threshold=threshold,
+            method=search,
+            device=resolve_device(device),
+            reporter=make_reporter(quiet=quiet),
+        )
+        write_groups_csv(groups, embeddings, out)
+        sheet = save_png(
+            duplicates_sheet(groups, embeddings, max_groups=sheet_groups), out.with_suffix(".png")
+        )
+    images = sum(len(group.rows) for group in groups)
+    output_console().print(
+        f"{len(groups)} groups holding {images} of {embeddings.rows} images at threshold "
+        f"{threshold:g}; groups in {out}, the largest {min(sheet_groups, len(groups))} drawn "
+        f"in {sheet}",
+        highlight=False,
+    )

@@ -1,0 +1,150 @@
+"""Groups of near-duplicate images: connected components of the "similar enough" graph.
+
+Two images are linked when the cosine similarity of their vectors is at least the threshold;
+a group is everything linked directly or through other members, so a chain of near-copies
+(original -> resized -> resized and cropped) lands in one group. The default threshold and
+what it means on real photos are in docs/neighbors.md.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from simclr_cli.engine.embeddings import Embeddings
+from simclr_cli.engine.progress import NullReporter, Reporter
+from simclr_cli.engine.search import pairs_above
+from simclr_cli.engine.sheets import Tile, draw_grid, load_thumbnails
+from simclr_cli.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "DuplicateGroup",
+    "duplicates_sheet",
+    "find_duplicates",
+    "write_groups_csv",
+]
+
+# Measured with benchmarks/duplicates_threshold.py (docs/neighbors.md): it depends on the
+# model, so the command prints it and users are told to check the sheet.
+DEFAULT_THRESHOLD = 0.97
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """Rows of one group, and for each the highest similarity it has to another member."""
+
+    rows: list[int]
+    best_similarity: list[float]
+
+
+class _DisjointSets:
+    """Union-find over row numbers, with path halving and union by size."""
+
+    def __init__(self, count: int) -> None:
+        self.parent = np.arange(count)
+        self.size = np.ones(count, dtype=np.int64)
+
+    def find(self, item: int) -> int:
+        parent = self.parent
+        while parent[item] != item:
+            parent[item] = parent[parent[item]]
+            item = int(parent[item])
+        return item
+
+    def union(self, a: int, b: int) -> None:
+        root_a, root_b = self.find(a), self.find(b)
+        if root_a == root_b:
+            return
+        if self.size[root_a] < self.size[root_b]:
+            root_a, root_b = root_b, root_a
+        self.parent[root_b] = root_a
+        self.size[root_a] += self.size[root_b]
+
+
+def find_duplicates(
+    embeddings: Embeddings,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    method: str = "auto",
+    device: torch.device | None = None,
+    reporter: Reporter | None = None,
+) -> list[DuplicateGroup]:
+    """Groups of two or more rows, largest first (ties: most similar first, then row order)."""
+    if not -1.0 <= threshold <= 1.0:
+        raise ConfigError(f"the threshold is a cosine similarity in [-1, 1], got {threshold}")
+    sets = _DisjointSets(embeddings.rows)
+    best = np.full(embeddings.rows, -np.inf)
+    reporter = reporter or NullReporter()
+    reporter.start(task="duplicates", total=embeddings.rows, unit="row")
+    for i, j, similarity in pairs_above(
+        embeddings.vectors,
+        threshold,
+        method=method,
+        device=device,
+        progress=lambda done: reporter.advance(completed=done, metrics={}),
+    ):
+        for a, b, value in zip(i.tolist(), j.tolist(), similarity.tolist(), strict=True):
+            sets.union(a, b)
+            best[a] = max(best[a], value)
+            best[b] = max(best[b], value)
+    reporter.stop()
+    members: dict[int, list[int]] = {}
+    for row in np.flatnonzero(np.isfinite(best)).tolist():
+        members.setdefault(sets.find(row), []).append(row)
+    groups = [DuplicateGroup(rows, [float(best[row]) for row in rows]) for rows in members.values()]
+    groups.sort(key=lambda group: (-len(group.rows), -max(group.best_similarity), group.rows[0]))
+    return groups
+
+
+def write_groups_csv(groups: list[DuplicateGroup], embeddings: Embeddings, path: Path) -> None:
+    """One line per image in a group: group (1 = largest), size, row, path, best_similarity."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["group", "size", "row", "path", "best_similarity"])
+            for number, group in enumerate(groups, start=1):
+                for row, similarity in zip(group.rows, group.best_similarity, strict=True):
+                    writer.writerow(
+                        [number, len(group.rows), row, embeddings.paths[row], f"{similarity:.4f}"]
+                    )
+    except OSError as error:
+        raise ConfigError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def duplicates_sheet(
+    groups: list[DuplicateGroup],
+    embeddings: Embeddings,
+    *,
+    max_groups: int = 20,
+    max_per_group: int = 8,
+    tile_size: int = 128,
+) -> Image.Image:
+    """The largest groups, one row each: members captioned with their best similarity."""
+    shown = groups[:max_groups]
+    rows, titles = [], []
+    for number, group in enumerate(shown, start=1):
+        members = list(zip(group.rows, group.best_similarity, strict=True))[:max_per_group]
+        thumbs = load_thumbnails([embeddings.paths[row] for row, _ in members], tile_size)
+        rows.append(
+            [
+                Tile(thumb, (embeddings.paths[row].name, f"best cos {similarity:.4f}"))
+                for thumb, (row, similarity) in zip(thumbs, members, strict=True)
+            ]
+        )
+        more = len(group.rows) - len(members)
+        titles.append(
+            f"group {number}: {len(group.rows)} images" + (f" ({more} not shown)" if more else "")
+        )
+    title = f"{len(groups)} groups of near-duplicates"
+    if len(groups) > len(shown):
+        title += f"; the {len(shown)} largest shown"
+    if not shown:
+        title = "no near-duplicates found"
+    return draw_grid(rows, tile_size=tile_size, row_titles=titles, title=title)
