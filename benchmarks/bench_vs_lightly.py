@@ -986,7 +986,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--step-batches", type=int, default=5, help="timed model-only steps")
     parser.add_argument("--sides", choices=("both", "ours", "lightly"), default="both")
-    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the bound's matmuls")
+    parser.add_argument("--matmul-size", type=int, default=4096, help="side of the bound's matmuls")
     parser.add_argument(
         "--no-init-baseline", action="store_true", help="skip evaluating the random initialisation"
     )
