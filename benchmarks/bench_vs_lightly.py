@@ -408,7 +408,8 @@ def _our_step_rate(job: Job, config: Any, device: torch.device) -> list[float]:
     model = model.to(memory_format=torch.channels_last).train()
     optimizer = build_optimizer(model, config.optim, lr=resolved_lr(config.optim, job.batch_size))
     paths = scan_images(job.train_dir)
-    count = min(len(paths), job.batch_size * (job.step_batches + 1))
+    # Full batches only, so every timed step has exactly `batch_size` images.
+    count = job.batch_size * max(1, min(job.step_batches + 1, len(paths) // job.batch_size))
     data = ImageBatches(
         paths[:count], canvas_size=decode_size(config.augment), num_workers=0, skip_log=SkipLog()
     )
@@ -680,10 +681,10 @@ def _lightly_step_rate(
         model, job, resolved_lr(OptimConfig(optimizer=job.optimizer), job.batch_size)
     )
     dataset = ImageFolder(job.train_dir, transform=transform)
-    count = min(len(dataset), job.batch_size * (job.step_batches + 1))
+    count = job.batch_size * max(1, min(job.step_batches + 1, len(dataset) // job.batch_size))
     views = [dataset[i][0] for i in range(count)]
     ready = []
-    for start in range(0, count - job.batch_size + 1, job.batch_size):
+    for start in range(0, count, job.batch_size):
         chunk = views[start : start + job.batch_size]
         view_a = torch.stack([pair[0] for pair in chunk]).to(device)  # (B, 3, S, S)
         view_b = torch.stack([pair[1] for pair in chunk]).to(device)
