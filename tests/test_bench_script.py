@@ -1,0 +1,91 @@
+"""Smoke tests of benchmarks/bench_vs_lightly.py, so CI keeps the script working.
+
+They run the script on a handful of real digits for one step; the numbers are not
+benchmarks, only proof that every measurement is taken and recorded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vs_lightly.py"
+
+# 20 digits (2 per class), one step of 16, tiny matmuls: well under 20 s on two idle cores.
+TINY = [
+    "--config", "reference", "--images", "20", "--eval-images", "10", "--epochs", "1",
+    "--batch-size", "16", "--seeds", "1", "--step-batches", "1", "--matmul-size", "128",
+    "--workers", "0", "--in-process", "--no-init-baseline",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[ModuleType]:
+    spec = importlib.util.spec_from_file_location("bench_vs_lightly", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # Dataclasses look their module up by name while the file executes.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def _row(record: dict, metric: str) -> dict:
+    return next(row for row in record["table"] if row["metric"] == metric)
+
+
+def test_our_engine_path_measures_and_records_everything(
+    bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every column of our side is a real, positive measurement, and the JSON says how it ran.
+    out = tmp_path / "results.json"
+    bench.main([*TINY, "--sides", "ours", "--work-dir", str(tmp_path / "w"), "--out", str(out)])
+    record = json.loads(out.read_text())
+
+    job = record["jobs"][0]
+    assert job["side"] == "ours" and job["pretrain_steps"] == 1 and job["images_per_step"] == 16
+    assert job["embed_rows"] == 20  # simclr embed wrote one row per pretraining image
+    for name in ("pretrain_images_per_s", "step_images_per_s", "embed_images_per_s",
+                 "plain_embed_images_per_s", "peak_rss_mib"):  # fmt: skip
+        assert job[name] > 0, name
+    assert 0 <= job["knn_top1"] <= 1 and 0 <= job["probe_top1"] <= 1
+    assert math.isfinite(job["final_loss"])
+
+    bound = record["compute_bound"]
+    assert bound["matmul_gflops"]["fp32"] > 0 and bound["matmul_gflops"]["bf16"] > 0
+    flops = bound["flops_per_image"]
+    # Two views, forward and backward (about twice the forward), against one forward.
+    assert 5.5 < flops["train"] / flops["embed"] < 6.5
+    assert _row(record, "pretrain end to end")["ours_fraction_of_bound"] > 0
+    assert _row(record, "embed (theirs: plain PIL+torchvision)")["ratio"] > 0
+
+    machine = record["machine"]
+    assert machine["versions"]["torch"] and machine["torch_num_threads"] >= 1
+    assert record["settings"]["images"] == 20 and record["settings"]["eval_images"] == 10
+
+    printed = capsys.readouterr().out
+    assert "pretrain end to end" in printed and "ours/lightly" in printed
+
+
+def test_lightly_half_runs_when_lightly_is_installed(bench: ModuleType, tmp_path: Path) -> None:
+    # The other half of the comparison, only where the optional `bench` extra is installed.
+    pytest.importorskip("lightly")
+    out = tmp_path / "results.json"
+    bench.main([*TINY, "--sides", "lightly", "--work-dir", str(tmp_path / "w"), "--out", str(out)])
+    job = json.loads(out.read_text())["jobs"][0]
+    assert job["side"] == "lightly" and job["pretrain_steps"] == 1
+    assert job["pretrain_images_per_s"] > 0 and job["step_images_per_s"] > 0
+    assert 0 <= job["knn_top1"] <= 1
+
+
+def test_batch_larger_than_the_images_is_refused(bench: ModuleType) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--images", "10", "--batch-size", "32"])
