@@ -132,13 +132,13 @@ def _render(result: EvalResult) -> None:
         f"{len(result.class_names)} classes",
         title_justify="left",
     )
-    table.add_column("features")
+    table.add_column("features", no_wrap=True)
     for name in knn_names:
         k, rule = name.split("_")
-        table.add_column(f"kNN {k[1:]} {rule}", justify="right")
+        table.add_column(f"kNN-{k[1:]} {'w' if rule == 'weighted' else 'maj'}", justify="right")
     table.add_column("linear", justify="right")
     if with_top5:
-        table.add_column("linear top-5", justify="right")
+        table.add_column("lin top5", justify="right")
     labels = {"model": "pretrained", "random": "random init", "pixels": "raw pixels"}
     for source, scores in result.results.items():
         row = [labels.get(source, source)]
@@ -149,6 +149,10 @@ def _render(result: EvalResult) -> None:
         table.add_row(*row)
     console = output_console()
     console.print(table)
+    console.print(
+        "kNN w: weighted vote (t = temperature), maj: majority vote; lin: linear probe",
+        highlight=False,
+    )
     unconverged = [s for s, r in result.results.items() if not r["linear"]["converged"]]
     if unconverged:
         console.print(
