@@ -150,6 +150,10 @@ class TrainConfig:
     # Encoder BN: "batch" statistics (per chunk with chunk_size), or "frozen" running ones,
     # under which chunked gradients equal full-batch ones exactly (docs/distributed.md).
     encoder_batchnorm: str = "batch"
+    # Start from these weights instead of a random init: a run, model folder, weights file or
+    # Hub repository (anything `--model` takes). The projection head is copied too when its
+    # shape matches, else it starts fresh.
+    init: str | None = None
 
     def __post_init__(self) -> None:
         """Reject values that would make the run meaningless."""

@@ -71,6 +71,15 @@ def pretrain_command(
             rich_help_panel=_RUN,
         ),
     ] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            "--init",
+            help="Start from pretrained weights: run or model folder, weights file, or Hub "
+            "repo (owner/name[@revision]); the architecture must match.",
+            rich_help_panel=_RUN,
+        ),
+    ] = None,
     seed: Annotated[
         int | None,
         typer.Option(help="Seed of every random stream (default: 0).", rich_help_panel=_RUN),
@@ -253,6 +262,7 @@ def pretrain_command(
         global_batch_size=batch_size,
         temperature=temperature,
         seed=seed,
+        init=_absolute_if_local(init),
         device=device,
         precision=precision,
         num_workers=workers,
@@ -392,3 +402,11 @@ def _without_devices(arguments: list[str]) -> list[str]:
         elif not argument.startswith("--devices="):
             kept.append(argument)
     return kept
+
+
+def _absolute_if_local(model: str | None) -> str | None:
+    # A local --init path is stored absolute so that --resume works from any directory.
+    if model is None:
+        return None
+    local = Path(model)
+    return str(local.absolute()) if local.exists() else model

@@ -53,6 +53,7 @@ from simclr_cli.models.export import (
     RUN_CONFIG_NAME,
     LoadedModel,
     export_config,
+    load_model,
 )
 from simclr_cli.models.simclr import SimCLRModel, build_model
 from simclr_cli.optim import build_optimizer, learning_rate_at
@@ -195,7 +196,9 @@ def _pretrain(
     # Only once the data is known to be usable; rank 0 writes, and its errors reach every rank.
     context.on_main(lambda: _prepare_run_dir(config, resume=resume))
     num_images = len(data.readable_indices)
-    loop = _build_loop(config, device, precision, context)
+    # A resumed run takes its weights from its checkpoint; --init only seeds step 0.
+    has_checkpoint = resume and (run_dir / CHECKPOINT_RELATIVE_PATH).is_file()
+    loop = _build_loop(config, device, precision, context, with_init=not has_checkpoint)
     loop.dataset = _dataset_identity(data, config.train.data_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl") if context.is_main else _NoMetrics()
     if resume:
@@ -370,15 +373,52 @@ def initial_model(config: RunConfig) -> LoadedModel:
     return LoadedModel(model.backbone, model.projection_head, export_config(config, {"steps": 0}))
 
 
-def _initial_network(config: RunConfig) -> SimCLRModel:
+def _initial_network(config: RunConfig, *, with_init: bool = True) -> SimCLRModel:
     torch.manual_seed(derive_seed(config.train.seed, "model-init"))
-    return build_model(config.model, image_size=config.augment.image_size)
+    model = build_model(config.model, image_size=config.augment.image_size)
+    if config.train.init and with_init:
+        _load_init(model, config.train.init)
+    return model
+
+
+def _load_init(model: SimCLRModel, ref: str) -> None:
+    """Copy pretrained weights into the new network; the architectures must agree."""
+    source = load_model(ref)
+    if (source.backbone.arch, source.backbone.small_stem) != (
+        model.backbone.arch,
+        model.backbone.small_stem,
+    ):
+        raise ConfigError(
+            f"--init {ref} is a {source.backbone.arch} "
+            f"({'small' if source.backbone.small_stem else 'standard'} stem); this run builds a "
+            f"{model.backbone.arch} ({'small' if model.backbone.small_stem else 'standard'} "
+            "stem). Pass the same --arch and --small-stem/--standard-stem"
+        )
+    model.backbone.load_state_dict(source.backbone.state_dict())
+    head = source.projection_head
+    if (
+        head is not None
+        and all(
+            model.projection_head.state_dict()[k].shape == v.shape
+            for k, v in head.state_dict().items()
+        )
+        and head.state_dict().keys() == model.projection_head.state_dict().keys()
+    ):
+        model.projection_head.load_state_dict(head.state_dict())
+        logger.info("--init: encoder and projection head copied from %s", ref)
+    else:
+        logger.warning("--init: encoder copied from %s; the projection head starts fresh", ref)
 
 
 def _build_loop(
-    config: RunConfig, device: torch.device, precision: Precision, context: DistContext
+    config: RunConfig,
+    device: torch.device,
+    precision: Precision,
+    context: DistContext,
+    *,
+    with_init: bool = True,
 ) -> _Loop:
-    model = _initial_network(config).to(device)
+    model = _initial_network(config, with_init=with_init).to(device)
     if context.enabled and config.train.sync_batchnorm:
         model = convert_sync_batchnorm(model, device)  # type: ignore[assignment]
     model = model.to(memory_format=torch.channels_last)
