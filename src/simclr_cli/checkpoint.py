@@ -27,6 +27,7 @@ __all__ = [
     "MODEL_CONFIG_NAME",
     "MODEL_WEIGHTS_NAME",
     "atomic_write",
+    "save_training_checkpoint",
     "clean_state_dict",
     "load_checkpoint",
     "load_exported_model",
@@ -91,6 +92,21 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
     payload = {"format_version": CHECKPOINT_FORMAT_VERSION, "simclr_version": __version__}
     payload.update(state)
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def save_training_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
+    """`save_checkpoint` for a training loop, with a failure the user can act on.
+
+    A failed write (full disk, read-only folder) becomes a CheckpointError saying that the
+    previous checkpoint survived, which the atomic write guarantees, and what to do.
+    """
+    try:
+        save_checkpoint(path, state)
+    except OSError as error:
+        raise CheckpointError(
+            f"could not write a checkpoint to {path.parent.parent} ({error.strerror or error}); "
+            "the previous checkpoint is intact. Free some space or choose another --out"
+        ) from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -23,6 +23,12 @@ StrictOption = Annotated[
     bool,
     typer.Option("--strict", help="Stop at the first unreadable image instead of skipping it."),
 ]
+PrecisionOption = Annotated[
+    str, typer.Option(help="auto (bf16/fp16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16.")
+]
+ForwardBatchOption = Annotated[
+    int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")
+]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and results.")]
 
@@ -67,3 +73,16 @@ ModelOption = Annotated[
         show_default=False,
     ),
 ]
+
+
+def absolute_if_local(model: str | None) -> str | None:
+    """A --model/--init value as a run stores it: local paths absolute, Hub ids as given.
+
+    Absolute paths let a run be resumed from any directory.
+    """
+    from pathlib import Path
+
+    if model is None:
+        return None
+    local = Path(model)
+    return str(local.absolute()) if local.exists() else model

@@ -9,8 +9,10 @@ import typer
 
 from simclr_cli.cli._common import (
     DeviceOption,
+    ForwardBatchOption,
     MaxPixelsOption,
     ModelOption,
+    PrecisionOption,
     QuietOption,
     StrictOption,
     VerboseOption,
@@ -70,13 +72,9 @@ def eval_command(
         bool,
         typer.Option("--no-cache", help="Recompute features instead of reusing cached ones."),
     ] = False,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")
-    ] = 256,
+    batch_size: ForwardBatchOption = 256,
     device: DeviceOption = "auto",
-    precision: Annotated[
-        str, typer.Option(help="auto (bf16/fp16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16.")
-    ] = "auto",
+    precision: PrecisionOption = "auto",
     workers: WorkersOption = None,
     strict: StrictOption = False,
     max_pixels: MaxPixelsOption = None,

@@ -11,10 +11,12 @@ import typer
 from simclr_cli.cli._common import (
     DeviceOption,
     MaxPixelsOption,
+    PrecisionOption,
     QuietOption,
     StrictOption,
     VerboseOption,
     WorkersOption,
+    absolute_if_local,
     given,
     user_errors,
 )
@@ -124,9 +126,7 @@ def finetune_command(
         typer.Option("--resume", help="Continue the fine-tuning run in this folder."),
     ] = None,
     device: DeviceOption = "auto",
-    precision: Annotated[
-        str, typer.Option(help="auto (bf16/fp16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16.")
-    ] = "auto",
+    precision: PrecisionOption = "auto",
     workers: WorkersOption = None,
     strict: StrictOption = False,
     max_pixels: MaxPixelsOption = None,
@@ -181,17 +181,12 @@ def finetune_command(
                 train_dir=str(train_dir.absolute()),
                 out_dir=str(out or _default_out(train_dir)),
                 precision=precision,
-                **{**choices, **safe, "model": _absolute_if_local(model)},
+                **{**choices, **safe, "model": absolute_if_local(model)},
             )
         result = finetune(config, reporter=make_reporter(quiet=quiet), resume=resume is not None)
     _render(result)
     if result.interrupted:
         raise typer.Exit(code=130)
-
-
-def _absolute_if_local(model: str) -> str:
-    local = Path(model)
-    return str(local.absolute()) if local.exists() else model
 
 
 def _default_out(train_dir: Path) -> Path:

@@ -9,7 +9,9 @@ import typer
 
 from simclr_cli.cli._common import (
     DeviceOption,
+    ForwardBatchOption,
     MaxPixelsOption,
+    PrecisionOption,
     QuietOption,
     StrictOption,
     VerboseOption,
@@ -35,13 +37,9 @@ def predict_command(
         "predictions.csv"
     ),
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes listed per image.")] = 3,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")
-    ] = 256,
+    batch_size: ForwardBatchOption = 256,
     device: DeviceOption = "auto",
-    precision: Annotated[
-        str, typer.Option(help="auto (bf16/fp16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16.")
-    ] = "auto",
+    precision: PrecisionOption = "auto",
     workers: WorkersOption = None,
     strict: StrictOption = False,
     max_pixels: MaxPixelsOption = None,

@@ -26,6 +26,7 @@ from simclr_cli.cli._common import (
     StrictOption,
     VerboseOption,
     WorkersOption,
+    absolute_if_local,
     given,
     user_errors,
 )
@@ -262,7 +263,7 @@ def pretrain_command(
         global_batch_size=batch_size,
         temperature=temperature,
         seed=seed,
-        init=_absolute_if_local(init),
+        init=absolute_if_local(init),
         device=device,
         precision=precision,
         num_workers=workers,
@@ -402,11 +403,3 @@ def _without_devices(arguments: list[str]) -> list[str]:
         elif not argument.startswith("--devices="):
             kept.append(argument)
     return kept
-
-
-def _absolute_if_local(model: str | None) -> str | None:
-    # A local --init path is stored absolute so that --resume works from any directory.
-    if model is None:
-        return None
-    local = Path(model)
-    return str(local.absolute()) if local.exists() else model

@@ -25,7 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from simclr_cli import __version__
-from simclr_cli.checkpoint import load_checkpoint, save_checkpoint, save_exported_model
+from simclr_cli.checkpoint import (
+    load_checkpoint,
+    save_exported_model,
+    save_training_checkpoint,
+)
 from simclr_cli.config import AugmentConfig
 from simclr_cli.data.augment import apply_view, center_view, normalize, sample_view_params
 from simclr_cli.data.images import RUN_MARKER
@@ -480,13 +484,7 @@ def _save(loop: _Loop, config: FinetuneConfig, run_dir: Path) -> None:
         "last_loss": loop.last_loss,
         "epoch_mean_loss": loop.epoch_mean_loss,
     }
-    try:
-        save_checkpoint(run_dir / CHECKPOINT_RELATIVE_PATH, state)
-    except OSError as error:
-        raise CheckpointError(
-            f"could not write a checkpoint to {run_dir} ({error.strerror or error}); "
-            "the previous checkpoint is intact. Free some space or choose another --out"
-        ) from None
+    save_training_checkpoint(run_dir / CHECKPOINT_RELATIVE_PATH, state)
 
 
 @torch.no_grad()

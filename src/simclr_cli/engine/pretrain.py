@@ -25,7 +25,11 @@ from typing import Any
 import torch
 
 from simclr_cli import __version__
-from simclr_cli.checkpoint import load_checkpoint, save_checkpoint, save_exported_model
+from simclr_cli.checkpoint import (
+    load_checkpoint,
+    save_exported_model,
+    save_training_checkpoint,
+)
 from simclr_cli.config import (
     RunConfig,
     TrainConfig,
@@ -741,13 +745,7 @@ def _save(loop: _Loop, config: RunConfig, run_dir: Path) -> None:
         "epoch_mean_loss": loop.epoch_mean_loss,
         "dataset": loop.dataset,
     }
-    try:
-        save_checkpoint(run_dir / CHECKPOINT_RELATIVE_PATH, state)
-    except OSError as error:
-        raise CheckpointError(
-            f"could not write a checkpoint to {run_dir} ({error.strerror or error}); "
-            "the previous checkpoint is intact. Free some space or choose another --out"
-        ) from None
+    save_training_checkpoint(run_dir / CHECKPOINT_RELATIVE_PATH, state)
 
 
 class _NoMetrics(MetricsLog):
