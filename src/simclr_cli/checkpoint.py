@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -114,11 +115,20 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint there")
     try:
-        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols before refusing a hostile file; the error
+            # below says all the user needs.
+            warnings.simplefilter("ignore", UserWarning)
+            state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for damaged or hostile files
-        first_line = (
-            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        )
+        text = str(error).strip()
+        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+            # torch's own text suggests weights_only=False; that would run the file's code.
+            raise CheckpointError(
+                f"{path}: refused: loading it would run code from the file; simclr checkpoints "
+                "hold only tensors and plain values"
+            ) from None
+        first_line = text.splitlines()[0] if text else type(error).__name__
         raise CheckpointError(f"{path}: cannot be loaded safely ({first_line})") from None
     version = state.get("format_version") if isinstance(state, dict) else None
     if version != CHECKPOINT_FORMAT_VERSION:

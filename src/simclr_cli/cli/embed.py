@@ -69,6 +69,7 @@ def embed_command(
         strict=strict,
         max_pixels=max_pixels,
     )
+    _sigterm_as_interrupt()
     with user_errors():
         try:
             result = embed_folder(
@@ -87,3 +88,20 @@ def embed_command(
         f"rows map to files in {result.manifest_path}",
         highlight=False,
     )
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (a scheduler or `kill`) and Ctrl-C both keep the rows done so far."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, interrupt)
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            # Started in the background by a shell, Ctrl-C is ignored; pretrain still stops
+            # on it, and so should this.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:  # not the main thread (embedding from Python): leave signals alone
+        pass

@@ -125,9 +125,14 @@ def _list_folder(folder: str, real_folder: str) -> tuple[list[str], list[tuple[s
                     return None
                 if entry.name.startswith(".") or entry.name.lower() in _SKIPPED_NAMES:
                     continue
-                if entry.is_dir():
+                try:
+                    is_dir, is_file = entry.is_dir(), entry.is_file()
+                except OSError as exc:  # a link to itself (ELOOP), say: skip it, not the folder
+                    logger.warning("skipping %s: %s", entry.path, exc.strerror or exc)
+                    continue
+                if is_dir:
                     subfolders.append(entry.name)
-                elif entry.is_file() and _has_image_extension(entry.name):
+                elif is_file and _has_image_extension(entry.name):
                     # Resolving every file would cost syscalls per path component; only a
                     # link can point outside the folder's own resolved location.
                     real = (
@@ -136,6 +141,10 @@ def _list_folder(folder: str, real_folder: str) -> tuple[list[str], list[tuple[s
                         else os.path.join(real_folder, entry.name)
                     )
                     files.append((entry.name, real))
+                elif entry.is_symlink() and _has_image_extension(entry.name):
+                    logger.warning(
+                        "skipping %s: a link to nothing (its target is gone)", entry.path
+                    )
     except OSError as exc:
         logger.warning("skipping folder %s: %s", folder, exc.strerror or exc)
         return None

@@ -149,7 +149,13 @@ def resume_finetune_config(run_dir: Path, **overrides: Any) -> FinetuneConfig:
         raise CheckpointError(
             f"{run_dir}: not a fine-tuning run folder (no {FINETUNE_CONFIG_NAME})"
         )
-    saved = FinetuneConfig(**json.loads(path.read_text(encoding="utf-8")))
+    try:
+        saved = FinetuneConfig(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as error:
+        raise CheckpointError(
+            f"{path}: damaged or not a fine-tuning config ({type(error).__name__}); "
+            "it cannot be resumed"
+        ) from None
     refused = sorted(
         name
         for name, value in overrides.items()
@@ -196,7 +202,7 @@ def finetune(
         max_pixels=config.max_pixels,
     )
     reporter.message(
-        f"fine-tuning on {len(labelled)} labelled images ({_subset_text(config)}) of "
+        f"fine-tuning on {len(labelled)} labelled images ({_subset_text(config, everything)}) of "
         f"{len(everything)}, {num_classes} classes"
     )
     data.cache()  # a labelled subset is small; decode it once
@@ -270,8 +276,14 @@ def finetune(
     )
 
 
-def _subset_text(config: FinetuneConfig) -> str:
+def _subset_text(config: FinetuneConfig, available: LabeledImages) -> str:
     if config.labels_per_class is not None:
+        smallest = min(count for count in available.counts().values() if count)
+        if smallest < config.labels_per_class:
+            return (
+                f"{config.labels_per_class} per class asked; classes with fewer, the smallest "
+                f"has {smallest}, keep all theirs"
+            )
         return f"{config.labels_per_class} per class"
     return f"{100 * (config.label_fraction or 0):g}% of each class"
 

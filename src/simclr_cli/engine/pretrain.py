@@ -132,7 +132,13 @@ def resume_config(
     path = run_dir / RUN_CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: not a run folder (no {RUN_CONFIG_NAME})")
-    saved = RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    try:
+        saved = RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise CheckpointError(
+            f"{path}: damaged or not a simclr run config ({type(error).__name__}); "
+            "it cannot be resumed"
+        ) from None
     saved_values = {k: v for part in saved.to_dict().values() for k, v in part.items()}
     asked = {**(changed or {}), **overrides}
     # Repeating a run's own value is harmless; only real changes outside the safe set count.
@@ -197,6 +203,7 @@ def _pretrain(
         skip_log=skip_log,
         reporter=reporter,
     )
+    config = _fit_batch_to_data(config, len(data.readable_indices), context, reporter)
     # Only once the data is known to be usable; rank 0 writes, and its errors reach every rank.
     context.on_main(lambda: _prepare_run_dir(config, resume=resume))
     num_images = len(data.readable_indices)
@@ -249,6 +256,31 @@ def _pretrain(
         interrupted=loop.interrupted,
         seconds=time.monotonic() - started,
     )
+
+
+def _fit_batch_to_data(
+    config: RunConfig, num_images: int, context: DistContext, reporter: Reporter
+) -> RunConfig:
+    """Shrink a batch larger than the folder to the folder, saying so.
+
+    The learning rate is scaled from the batch actually used, and the run config records
+    that batch, so a resume continues the same run.
+    """
+    batch = config.train.global_batch_size
+    if num_images >= batch:
+        return config
+    if context.enabled:
+        raise ConfigError(
+            f"--batch-size {batch} is larger than the {num_images} readable images; "
+            f"use -b {num_images - num_images % context.world_size} or less"
+        )
+    fitted = replace(config, train=replace(config.train, global_batch_size=num_images))
+    reporter.message(
+        f"warning: --batch-size {batch} is larger than the {num_images} readable images; "
+        f"training with batches of {num_images} (peak lr "
+        f"{resolved_lr(fitted.optim, num_images):.4g}, scaled from that batch)"
+    )
+    return fitted
 
 
 def _prepare_run_dir(config: RunConfig, *, resume: bool) -> Path:

@@ -84,7 +84,10 @@ def _write_model(
         )
     else:
         config["projection"] = None
-    save_exported_model(out_dir, state, config)
+    try:
+        save_exported_model(out_dir, state, config)
+    except OSError as error:
+        raise ConfigError(f"cannot write {out_dir}: {error.strerror or error}") from None
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ def load_classifier(ref: Path | str) -> LoadedClassifier:
     try:
         network.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:
-        detail = str(error).splitlines()[0] if str(error) else "shape or key mismatch"
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "shape or key mismatch")
         raise CheckpointError(f"{path}: the classifier weights do not fit ({detail})") from None
     return LoadedClassifier(network, config)

@@ -196,7 +196,9 @@ def _load_strict(
     try:
         module.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as error:
-        detail = str(error).splitlines()[0] if str(error) else "shape or key mismatch"
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        # torch's first line only says "Error(s) in loading state_dict"; the next names a tensor.
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "shape or key mismatch")
         raise CheckpointError(f"{source}: the {part} weights do not fit ({detail})") from None
 
 

@@ -113,8 +113,9 @@ def convert_state(raw: Any, *, source: str) -> ForeignModel:
     if prefix == "backbone.resnet." and kind == "state-dict":
         # Our own weights without config.json: image size and normalisation are unknown.
         raise CheckpointError(
-            f"{source}: simclr-cli weights without their config.json; pass the run folder or "
-            "the folder holding model.safetensors and config.json"
+            f"{source}: simclr-cli weights without a valid simclr-cli config.json beside them "
+            "(missing, or not written by simclr); pass the run folder or a folder holding "
+            "model.safetensors and its config.json"
         )
     encoder, outside = _strip(trunk, prefix)
     arch, small_stem = _architecture(encoder, source=source)
