@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from simclr_cli import __version__
-from simclr_cli.errors import CheckpointError
+from simclr_cli.errors import CheckpointError, os_error_reason
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
@@ -105,7 +105,7 @@ def save_training_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
         save_checkpoint(path, state)
     except OSError as error:
         raise CheckpointError(
-            f"could not write a checkpoint to {path.parent.parent} ({error.strerror or error}); "
+            f"could not write a checkpoint to {path.parent.parent} ({os_error_reason(error)}); "
             "the previous checkpoint is intact. Free some space or choose another --out"
         ) from None
 

@@ -14,6 +14,7 @@ __all__ = [
     "ImageDecodeError",
     "NonFiniteLossError",
     "SimclrError",
+    "os_error_reason",
 ]
 
 
@@ -49,3 +50,14 @@ class CheckpointError(SimclrError):
 
 class NonFiniteLossError(SimclrError):
     """The loss became NaN or infinite; the run stopped without saving the bad state."""
+
+
+def os_error_reason(error: OSError) -> str:
+    """Why a file operation failed, in words a user can act on.
+
+    `mkdir` reports a file standing where a folder must go as "File exists", and `open`
+    as "Not a directory"; both read better as what they mean.
+    """
+    if isinstance(error, (FileExistsError, NotADirectoryError)):
+        return f"part of the path {error.filename or ''} is a file, not a folder".replace("  ", " ")
+    return error.strerror or str(error) or type(error).__name__

@@ -2,20 +2,16 @@
 
 import json
 import os
-import pickle
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
-from simclr_cli.checkpoint import load_checkpoint
 from simclr_cli.config import AugmentConfig, RunConfig, TrainConfig
 from simclr_cli.data.images import scan_images
 from simclr_cli.engine.finetune import resume_finetune_config
 from simclr_cli.engine.pretrain import pretrain, resume_config
-from simclr_cli.errors import CheckpointError
+from simclr_cli.errors import CheckpointError, ConfigError
 
 
 def test_a_link_to_itself_is_skipped_alone_not_its_folder(few_digits: Path, tmp_path: Path) -> None:
@@ -35,26 +31,6 @@ def test_damaged_run_configs_are_one_line_errors(tmp_path: Path) -> None:
         resume_finetune_config(tmp_path)
 
 
-class _Payload:
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (print, ("this must never run",))
-
-
-def test_a_pickled_checkpoint_is_refused_without_advice_to_unpickle(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    path = tmp_path / "last.pt"
-    torch.save(
-        {"format_version": 1, "evil": _Payload()}, path, pickle_protocol=pickle.HIGHEST_PROTOCOL
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # torch's pickle-protocol warning is noise here
-        with pytest.raises(CheckpointError, match="would run code") as caught:
-            load_checkpoint(path)
-    assert "weights_only" not in str(caught.value)
-    assert "this must never run" not in capsys.readouterr().out
-
-
 def test_a_batch_larger_than_the_folder_shrinks_and_is_recorded(
     few_digits: Path, tmp_path: Path
 ) -> None:
@@ -66,3 +42,22 @@ def test_a_batch_larger_than_the_folder_shrinks_and_is_recorded(
     result = pretrain(config)
     saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert saved["train"]["global_batch_size"] == 60 and result.step == 1
+
+
+def test_a_file_in_the_way_of_the_output_folder_is_named(few_digits: Path, tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file, not a folder")
+    config = RunConfig(
+        augment=AugmentConfig(image_size=16),
+        train=TrainConfig(data_dir=str(few_digits), out_dir=str(tmp_path / "taken" / "run"),
+                          epochs=1, global_batch_size=32, num_workers=0),
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="taken.* is a file, not a folder"):
+        pretrain(config)
+
+
+def test_manifest_paths_are_normalised(few_digits: Path, tmp_path: Path) -> None:
+    roundabout = tmp_path / "elsewhere" / ".." / few_digits.name
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copytree(few_digits, tmp_path / few_digits.name)
+    paths = scan_images(roundabout)
+    assert paths and all(".." not in path.parts for path in paths)

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,13 @@ def test_tiny_elongated_and_odd_mode_images_preview(
     image.save(path)
     result = write_preview(path, AugmentConfig(image_size=32), tmp_path / "v.png", pairs=2)
     assert (tmp_path / "v.png").is_file() and result.original_size == size
+    # Each caption's crop lies inside the file, in the file's own pixels, along both axes
+    # (the short side of a 1000x10 strip is scaled by another factor than the long side).
+    for text in (t for pair in result.labels for t in pair):
+        found = re.search(r"crop (\d+)x(\d+) at \((\d+),(\d+)\)", text)
+        assert found is not None, text
+        w, h, x0, y0 = (int(v) for v in found.groups())
+        assert w > 0 and x0 + w <= size[0] + 1 and h > 0 and y0 + h <= size[1] + 1, text
 
 
 def test_missing_file_is_an_image_error(tmp_path: Path) -> None:

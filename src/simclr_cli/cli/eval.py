@@ -100,16 +100,19 @@ def eval_command(
         max_pixels=max_pixels,
         use_cache=not no_cache,
     )
+    out_dir = out or _default_out(model)
+    # Re-running eval replaces the previous numbers; say so rather than overwrite silently.
+    replaced = (out_dir / "eval.json").is_file()
     with user_errors():
         result = evaluate(
             model,
             train_dir,
             test_dir=test,
-            out_dir=out or _default_out(model),
+            out_dir=out_dir,
             options=options,
             reporter=make_reporter(quiet=quiet),
         )
-    _render(result)
+    _render(result, temperature=options.knn_temperature, replaced=replaced)
 
 
 def _default_out(model: str) -> Path:
@@ -117,7 +120,7 @@ def _default_out(model: str) -> Path:
     return local / "eval" if local.is_dir() else Path("eval")
 
 
-def _render(result: EvalResult) -> None:
+def _render(result: EvalResult, *, temperature: float, replaced: bool) -> None:
     from rich.table import Table
 
     from simclr_cli.console import output_console
@@ -148,7 +151,8 @@ def _render(result: EvalResult) -> None:
     console = output_console()
     console.print(table)
     console.print(
-        "kNN w: weighted vote (t = temperature), maj: majority vote; lin: linear probe",
+        f"kNN w: cosine-weighted vote, t = {temperature:g}; maj: majority vote; "
+        "linear: linear probe on frozen features",
         highlight=False,
     )
     unconverged = [s for s, r in result.results.items() if not r["linear"]["converged"]]
@@ -160,6 +164,6 @@ def _render(result: EvalResult) -> None:
         )
     console.print(
         f"wrote {result.out_dir / 'eval.json'} and {result.out_dir / 'confusion.png'} "
-        f"in {result.seconds:.1f} s",
+        f"in {result.seconds:.1f} s" + (" (replacing the previous ones)" if replaced else ""),
         highlight=False,
     )

@@ -68,6 +68,6 @@ def predict_command(
     summary = ", ".join(f"{name} {count}" for name, count in common if count)
     output_console().print(
         f"wrote {result.predicted} predictions ({len(result.skipped)} unreadable files listed) "
-        f"to {result.csv_path} in {result.seconds:.1f} s; most predicted: {summary}",
+        f"to {result.csv_path} in {result.seconds:.1f} s; predictions per class (top 5): {summary}",
         highlight=False,
     )

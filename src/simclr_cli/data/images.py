@@ -75,7 +75,8 @@ def scan_images(root: str | Path, *, exclude: Iterable[str | Path] = ()) -> list
     Raises:
         DataError: If root is missing, is not a folder, or is one of our output folders.
     """
-    root_path = Path(root).absolute()
+    # Lexically normalised ("a/../b" becomes "b") so manifests read cleanly; links are kept.
+    root_path = Path(os.path.abspath(root))
     _check_root(root_path)
     excluded = {os.path.realpath(path) for path in exclude}
 

@@ -20,7 +20,7 @@ from simclr_cli.engine.embeddings import Embeddings
 from simclr_cli.engine.progress import NullReporter, Reporter
 from simclr_cli.engine.search import pairs_above
 from simclr_cli.engine.sheets import Tile, draw_grid, load_thumbnails
-from simclr_cli.errors import ConfigError
+from simclr_cli.errors import ConfigError, os_error_reason
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -115,7 +115,7 @@ def write_groups_csv(groups: list[DuplicateGroup], embeddings: Embeddings, path:
                         [number, len(group.rows), row, embeddings.paths[row], f"{similarity:.4f}"]
                     )
     except OSError as error:
-        raise ConfigError(f"cannot write {path}: {error.strerror or error}") from None
+        raise ConfigError(f"cannot write {path}: {os_error_reason(error)}") from None
 
 
 def duplicates_sheet(

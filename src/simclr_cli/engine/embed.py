@@ -26,7 +26,7 @@ from simclr_cli.data.images import scan_images
 from simclr_cli.data.loader import ImageBatches, SkipLog, default_num_workers
 from simclr_cli.device import Precision, autocast, resolve_device, resolve_precision
 from simclr_cli.engine.progress import NullReporter, Reporter
-from simclr_cli.errors import ConfigError, DataError
+from simclr_cli.errors import ConfigError, DataError, os_error_reason
 from simclr_cli.models.export import LoadedModel, load_model, state_fingerprint
 
 __all__ = ["EmbedOptions", "EmbedResult", "embed_folder", "encode", "iter_encoded"]
@@ -168,7 +168,7 @@ def embed_folder(
             skipped=skip_log.count,
         )
     except OSError as error:
-        reason = error.strerror or type(error).__name__
+        reason = os_error_reason(error)
         raise ConfigError(f"could not write the embeddings to {out_path}: {reason}") from None
     return EmbedResult(
         out_path,
@@ -211,7 +211,7 @@ def _check_writable(out_path: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        reason = error.strerror or type(error).__name__
+        reason = os_error_reason(error)
         raise ConfigError(f"cannot write {out_path}: {reason}") from None
 
 

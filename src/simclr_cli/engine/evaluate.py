@@ -30,7 +30,7 @@ from simclr_cli.engine.features import (
 from simclr_cli.engine.knn import knn_predict, topk_accuracy
 from simclr_cli.engine.linear_probe import DEFAULT_WEIGHT_DECAYS, select_and_fit
 from simclr_cli.engine.progress import NullReporter, Reporter
-from simclr_cli.errors import ConfigError, DataError, SimclrError
+from simclr_cli.errors import ConfigError, DataError, SimclrError, os_error_reason
 from simclr_cli.models.backbone import Backbone
 from simclr_cli.models.export import LoadedModel, load_model, state_fingerprint
 from simclr_cli.seeding import derive_seed
@@ -351,7 +351,9 @@ def _write_outputs(
         atomic_write(out_dir / "eval.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
         plot_confusion_matrix(confusion, class_names, out_dir / "confusion.png")
     except OSError as error:
-        raise ConfigError(f"cannot write the evaluation to {out_dir}: {error.strerror}") from None
+        raise ConfigError(
+            f"cannot write the evaluation to {out_dir}: {os_error_reason(error)}"
+        ) from None
 
 
 def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path: Path) -> None:

@@ -26,7 +26,7 @@ from simclr_cli.data.labeled import LabeledImages
 from simclr_cli.data.loader import ImageBatches, SkipLog, default_num_workers
 from simclr_cli.device import Precision
 from simclr_cli.engine.embed import iter_encoded
-from simclr_cli.errors import DataError
+from simclr_cli.errors import DataError, os_error_reason
 from simclr_cli.models.export import LoadedModel, state_fingerprint
 
 __all__ = [
@@ -203,4 +203,4 @@ def _write_cache(
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     except OSError as error:
         # The cache only saves time; evaluation goes on without it.
-        logger.warning("could not write the feature cache %s (%s)", path, error.strerror)
+        logger.warning("could not write the feature cache %s (%s)", path, os_error_reason(error))

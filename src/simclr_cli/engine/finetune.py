@@ -39,7 +39,13 @@ from simclr_cli.device import Precision, autocast, resolve_device, resolve_preci
 from simclr_cli.engine.interrupts import stop_on_signal
 from simclr_cli.engine.metrics import MetricsLog, plot_loss_curve
 from simclr_cli.engine.progress import NullReporter, Reporter
-from simclr_cli.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from simclr_cli.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    NonFiniteLossError,
+    os_error_reason,
+)
 from simclr_cli.models.backbone import Backbone
 from simclr_cli.models.classifier import Classifier
 from simclr_cli.models.export import CHECKPOINT_RELATIVE_PATH, load_model
@@ -302,7 +308,9 @@ def _prepare_run_dir(config: FinetuneConfig, run_dir: Path, *, resume: bool) -> 
             text = json.dumps(asdict(config), indent=2) + "\n"
             config_path.write_text(text, encoding="utf-8")
     except OSError as error:
-        raise ConfigError(f"cannot write to the run folder {run_dir}: {error.strerror}") from None
+        raise ConfigError(
+            f"cannot write to the run folder {run_dir}: {os_error_reason(error)}"
+        ) from None
 
 
 def _initial_network(config: FinetuneConfig, pretrained: Backbone, num_classes: int) -> Classifier:
@@ -354,7 +362,10 @@ def _restore(
             f"{run_dir} has already trained {loop.epoch} epochs; ask for at least that many"
         )
     metrics.truncate_after(loop.step)
-    reporter.message(f"resumed at step {loop.step} (epoch {loop.epoch + 1})")
+    if loop.epoch >= config.epochs:
+        reporter.message(f"resumed at step {loop.step}: all {config.epochs} epochs were trained")
+    else:
+        reporter.message(f"resumed at step {loop.step} (epoch {loop.epoch + 1} of {config.epochs})")
 
 
 def _epoch_batches(config: FinetuneConfig, epoch: int, num_images: int) -> list[list[int]]:

@@ -22,7 +22,7 @@ import numpy.typing as npt
 from PIL import Image, ImageDraw
 
 from simclr_cli.engine.sheets import ACCENT, BACKGROUND, TEXT, load_thumbnails, save_png
-from simclr_cli.errors import ConfigError
+from simclr_cli.errors import ConfigError, os_error_reason
 
 __all__ = ["LAYOUTS", "MapLayout", "compute_layout", "draw_map_png", "write_map_html"]
 
@@ -273,5 +273,5 @@ def write_map_html(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(page, encoding="utf-8")
     except OSError as error:
-        raise ConfigError(f"cannot write {out}: {error.strerror or error}") from None
+        raise ConfigError(f"cannot write {out}: {os_error_reason(error)}") from None
     return out, len(thumbs)

@@ -15,7 +15,7 @@ from simclr_cli.data.images import scan_images
 from simclr_cli.data.loader import ImageBatches, SkipLog, default_num_workers
 from simclr_cli.device import autocast, resolve_device, resolve_precision
 from simclr_cli.engine.progress import NullReporter, Reporter
-from simclr_cli.errors import ConfigError, DataError
+from simclr_cli.errors import ConfigError, DataError, os_error_reason
 from simclr_cli.models.classifier import load_classifier
 
 __all__ = ["PredictOptions", "PredictResult", "predict_folder"]
@@ -127,7 +127,7 @@ def predict_folder(
     try:
         atomic_write(out_path, write)
     except OSError as error:
-        raise ConfigError(f"cannot write {out_path}: {error.strerror}") from None
+        raise ConfigError(f"cannot write {out_path}: {os_error_reason(error)}") from None
     counts = {name: 0 for name in names}
     for row in rows.values():
         counts[row[0]] += 1

@@ -50,7 +50,13 @@ from simclr_cli.engine.interrupts import stop_on_signal
 from simclr_cli.engine.metrics import MetricsLog, plot_loss_curve
 from simclr_cli.engine.parallel_step import EpochShard, StepViews, batch_gradients
 from simclr_cli.engine.progress import NullReporter, Reporter
-from simclr_cli.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from simclr_cli.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    NonFiniteLossError,
+    os_error_reason,
+)
 from simclr_cli.loss import nt_xent_loss
 from simclr_cli.models.export import (
     CHECKPOINT_RELATIVE_PATH,
@@ -298,7 +304,9 @@ def _prepare_run_dir(config: RunConfig, *, resume: bool) -> Path:
         if not resume:
             config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
     except OSError as error:
-        raise ConfigError(f"cannot write to the run folder {run_dir}: {error.strerror}") from None
+        raise ConfigError(
+            f"cannot write to the run folder {run_dir}: {os_error_reason(error)}"
+        ) from None
     return run_dir
 
 
@@ -343,7 +351,8 @@ def _banner(config: RunConfig, *, device: torch.device, precision: Precision, ru
     return (
         f"simclr {__version__} (torch {torch.__version__}) | device {device} | "
         f"precision {precision.name} | {config.model.arch} at {augment.image_size} px | "
-        f"batch {train.global_batch_size} | {train.epochs} epochs | {config.optim.optimizer} "
+        f"batch {train.global_batch_size} | {train.epochs} "
+        f"epoch{'s' if train.epochs != 1 else ''} | {config.optim.optimizer} "
         f"lr {lr:.4g} | temperature {train.temperature} | run {run_dir}"
     )
 
@@ -498,9 +507,15 @@ def _restore(
     loop.last_loss = float(state.get("last_loss", math.nan))
     loop.epoch_mean_loss = float(state.get("epoch_mean_loss", math.nan))
     metrics.truncate_after(loop.step)
-    reporter.message(
-        f"resumed at step {loop.step} (epoch {loop.epoch + 1}, batch {loop.batch_in_epoch})"
-    )
+    if loop.epoch >= config.train.epochs:
+        reporter.message(
+            f"resumed at step {loop.step}: all {config.train.epochs} epochs were already trained"
+        )
+    else:
+        reporter.message(
+            f"resumed at step {loop.step} (epoch {loop.epoch + 1} of {config.train.epochs}, "
+            f"batch {loop.batch_in_epoch})"
+        )
 
 
 def _check_same_run(saved: dict[str, Any], config: RunConfig, path: Path) -> None:

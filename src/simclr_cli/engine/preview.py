@@ -17,7 +17,7 @@ import torch
 from simclr_cli.config import AugmentConfig, blur_probability, decode_size
 from simclr_cli.data.augment import ViewParams, apply_view, sample_view_params
 from simclr_cli.data.images import DEFAULT_MAX_PIXELS, decode_image, load_canvas
-from simclr_cli.errors import ConfigError
+from simclr_cli.errors import ConfigError, os_error_reason
 from simclr_cli.seeding import generator_for
 
 __all__ = ["PreviewResult", "describe_view", "preview_views", "write_preview"]
@@ -39,20 +39,27 @@ def preview_views(
     pairs: int,
     seed: int,
     max_pixels: int | None = None,
-) -> tuple[np.ndarray, torch.Tensor, list[tuple[ViewParams, ViewParams]], tuple[int, int], float]:
+) -> tuple[
+    np.ndarray,
+    torch.Tensor,
+    list[tuple[ViewParams, ViewParams]],
+    tuple[int, int],
+    tuple[float, float],
+]:
     """Decode the image once and draw `pairs` pairs of views with the training functions.
 
     Returns:
         The decoded image as (H, W, 3) uint8, the views (2 * pairs, 3, S, S) in [0, 1]
         ordered a0, b0, a1, b1..., each pair's parameters, the (width, height) of the file,
-        and the factor from canvas pixels to file pixels.
+        and the (x, y) factors from canvas pixels to file pixels. The two differ where the
+        shorter side was rounded to few canvas pixels (a 1000x10 strip is 64x1 at 64 px).
     """
     if pairs < 1:
         raise ConfigError("ask for at least one pair of views (-n 1)")
     limit = max_pixels or DEFAULT_MAX_PIXELS
     original = decode_image(image_path, max_pixels=limit)  # RGB, EXIF-oriented
     canvas, (height, width) = load_canvas(image_path, decode_size(augment), max_pixels=limit)
-    to_file = original.width / width
+    to_file = (original.width / width, original.height / height)
     canvases = torch.from_numpy(canvas)[None].expand(pairs, -1, -1, -1)  # (n, 3, C, C)
     sizes = torch.tensor([[height, width]]).expand(pairs, -1)
     generator = generator_for(seed, "augment-preview")
@@ -72,9 +79,11 @@ def _select(params: ViewParams, index: int) -> ViewParams:
     )
 
 
-def describe_view(params: ViewParams, *, to_file: float, area: float) -> str:
+def describe_view(params: ViewParams, *, to_file: tuple[float, float], area: float) -> str:
     """What was drawn for one view, in file pixels, as short lines for a tile caption."""
-    x0, y0, w, h = (float(v) * to_file for v in params.crop_boxes[0])
+    x0, y0, w, h = (float(v) for v in params.crop_boxes[0])
+    x0, w = x0 * to_file[0], w * to_file[0]
+    y0, h = y0 * to_file[1], h * to_file[1]
     share = 100 * (w * h) / area if area else 0.0
     lines = [f"crop {w:.0f}x{h:.0f} at ({x0:.0f},{y0:.0f}), {share:.0f}%"]
     if bool(params.jitter[0]):
@@ -148,17 +157,18 @@ def write_preview(
                 axis.set_title(f"pair {pair + 1}", fontsize=9)
             texts.append(text)
         labels.append((texts[0], texts[1]))
+    # Two short lines, so the title fits even the narrow figure of -n 1 or -n 2.
     figure.suptitle(
-        f"{image_path.name}: {pairs} positive pairs at {augment.image_size} px, as pretraining "
-        "draws them (each column: two views of the image)",
-        fontsize=10,
+        f"{image_path.name}: {pairs} positive pair{'s' if pairs > 1 else ''} at "
+        f"{augment.image_size} px\nas pretraining draws them; a column is two views",
+        fontsize=9,
     )
     figure.tight_layout()
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(out_path, dpi=110)
     except OSError as error:
-        raise ConfigError(f"cannot write {out_path}: {error.strerror}") from None
+        raise ConfigError(f"cannot write {out_path}: {os_error_reason(error)}") from None
     finally:
         plt.close(figure)
     return PreviewResult(out_path, (width, height), labels)

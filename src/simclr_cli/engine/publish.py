@@ -14,7 +14,7 @@ import torch
 
 from simclr_cli.checkpoint import MODEL_CONFIG_NAME, save_exported_model
 from simclr_cli.engine.model_card import model_card
-from simclr_cli.errors import ConfigError
+from simclr_cli.errors import ConfigError, os_error_reason
 from simclr_cli.models.export import RUN_CONFIG_NAME, LoadedModel, load_model
 
 __all__ = ["PushResult", "convert_model", "prepare_upload", "push_run"]
@@ -87,7 +87,7 @@ def _write_model(
     try:
         save_exported_model(out_dir, state, config)
     except OSError as error:
-        raise ConfigError(f"cannot write {out_dir}: {error.strerror or error}") from None
+        raise ConfigError(f"cannot write {out_dir}: {os_error_reason(error)}") from None
 
 
 @dataclass(frozen=True)

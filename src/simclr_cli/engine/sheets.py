@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from simclr_cli.data.images import decode_image
-from simclr_cli.errors import ConfigError, ImageDecodeError
+from simclr_cli.errors import ConfigError, ImageDecodeError, os_error_reason
 
 __all__ = ["Tile", "draw_grid", "fit_thumbnail", "load_thumbnails", "save_png"]
 
@@ -152,5 +152,5 @@ def save_png(image: Image.Image, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path, format="PNG", optimize=True)
     except OSError as error:
-        raise ConfigError(f"cannot write {path}: {error.strerror or error}") from None
+        raise ConfigError(f"cannot write {path}: {os_error_reason(error)}") from None
     return path
