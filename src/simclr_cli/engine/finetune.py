@@ -584,4 +584,11 @@ def _export(
             },
         }
     )
-    save_exported_model(run_dir, loop.network.state_dict(), exported)
+    try:
+        save_exported_model(run_dir, loop.network.state_dict(), exported)
+    except OSError as error:
+        raise CheckpointError(
+            f"could not write the classifier to {run_dir} ({os_error_reason(error)}); the last "
+            f"checkpoint is intact: free some space, then export it with "
+            f"simclr finetune --resume {run_dir}"
+        ) from None

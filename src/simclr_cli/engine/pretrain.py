@@ -251,7 +251,14 @@ def _pretrain(
             "temperature": config.train.temperature,
             "dataset": config.train.data_dir,
         }
-        save_exported_model(run_dir, loop.model.state_dict(), export_config(config, training))
+        try:
+            save_exported_model(run_dir, loop.model.state_dict(), export_config(config, training))
+        except OSError as error:
+            raise CheckpointError(
+                f"could not write the final model to {run_dir} ({os_error_reason(error)}); the "
+                f"last checkpoint is intact: free some space, then export it with "
+                f"simclr pretrain --resume {run_dir}"
+            ) from None
     return PretrainResult(
         run_dir=run_dir,
         step=loop.step,

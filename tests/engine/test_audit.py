@@ -1,0 +1,93 @@
+"""Gaps found by auditing every command against the robustness issue, one test per gap.
+
+Disk-full cases use a real file-size limit (RLIMIT_FSIZE), so writes fail inside the
+libraries exactly as they do on a full disk, not through a mock that raises the error we
+hope for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from simclr_cli.checkpoint import load_checkpoint, save_exported_model, save_training_checkpoint
+from simclr_cli.config import AugmentConfig, OptimConfig, RunConfig, TrainConfig
+from simclr_cli.engine.metrics import MetricsLog
+from simclr_cli.errors import CheckpointError
+
+
+@contextlib.contextmanager
+def file_size_limit(limit_bytes: int) -> Iterator[None]:
+    """Writes beyond `limit_bytes` in one file fail with EFBIG, as they would on a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_real_failed_checkpoint_write_keeps_the_previous_one_and_says_why(
+    tmp_path: Path,
+) -> None:
+    # torch.save given a path reports a failed write as a bare RuntimeError ("unexpected pos").
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    save_training_checkpoint(path, {"step": 1, "weights": torch.ones(10)})
+    with (
+        file_size_limit(64 * 1024),
+        pytest.raises(CheckpointError, match="File too large.*previous checkpoint is intact"),
+    ):
+        save_training_checkpoint(path, {"step": 2, "weights": torch.ones(1_000_000)})
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+
+
+def test_a_real_failed_safetensors_write_is_an_os_error(tmp_path: Path) -> None:
+    # safetensors reports it as a SafetensorError, which no caller handled.
+    with file_size_limit(64 * 1024), pytest.raises(OSError, match="File too large"):
+        save_exported_model(tmp_path, {"w": torch.ones(1_000_000)}, {"arch": "resnet18"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_metrics_log_that_cannot_grow_is_a_one_line_error(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.append({"kind": "step", "step": 1, "note": "x" * 2000})
+    with file_size_limit(1024), pytest.raises(CheckpointError, match="File too large.*--resume"):
+        log.append({"kind": "step", "step": 2})
+
+
+def test_pretrain_that_cannot_write_its_final_model_says_how_to_recover(
+    few_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from simclr_cli.engine import pretrain as pretrain_module
+
+    real_plot = pretrain_module.plot_loss_curve
+    limits = contextlib.ExitStack()
+
+    def plot_then_fill_the_disk(*args: object, **kwargs: object) -> None:
+        real_plot(*args, **kwargs)  # type: ignore[arg-type]
+        limits.enter_context(file_size_limit(256 * 1024))  # the export comes next
+
+    monkeypatch.setattr(pretrain_module, "plot_loss_curve", plot_then_fill_the_disk)
+    run = tmp_path / "run"
+    config = RunConfig(
+        augment=AugmentConfig(image_size=16),
+        optim=OptimConfig(warmup_epochs=0),
+        train=TrainConfig(
+            data_dir=str(few_digits), out_dir=str(run), epochs=1, global_batch_size=16,
+            num_workers=0, seed=3,
+        ),
+    )  # fmt: skip
+    with limits, pytest.raises(CheckpointError, match=r"final model.*File too large.*--resume"):
+        pretrain_module.pretrain(config)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+    assert not (run / "model.safetensors").exists()
+
