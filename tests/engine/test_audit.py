@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import resource
 import signal
+import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import torch
 from simclr_cli.checkpoint import load_checkpoint, save_exported_model, save_training_checkpoint
 from simclr_cli.config import AugmentConfig, OptimConfig, RunConfig, TrainConfig
 from simclr_cli.engine.metrics import MetricsLog
-from simclr_cli.errors import CheckpointError
+from simclr_cli.errors import CheckpointError, ImageDecodeError
 
 
 @contextlib.contextmanager
@@ -91,3 +93,33 @@ def test_pretrain_that_cannot_write_its_final_model_says_how_to_recover(
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
     assert not (run / "model.safetensors").exists()
 
+
+def _header_only_png(width: int, height: int) -> bytes:
+    """A PNG that claims a size and holds no pixels: tells whether opening was allowed."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_augment_preview_max_pixels_admits_images_above_pillows_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import Image
+
+    from simclr_cli.engine.preview import preview_views
+
+    # Restored after the test: lifting the limit is process-wide by design.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    path = tmp_path / "scan.png"
+    path.write_bytes(_header_only_png(20_000, 20_000))  # 400 MP, past Pillow's refusal
+    with pytest.raises(ImageDecodeError) as refused:
+        preview_views(path, AugmentConfig(image_size=16), pairs=1, seed=0)
+    assert "limit of" in refused.value.reason and "--max-pixels" in refused.value.reason
+    # With --max-pixels the file is opened; only its missing pixels stop it now.
+    with pytest.raises(ImageDecodeError) as opened:
+        preview_views(path, AugmentConfig(image_size=16), pairs=1, seed=0, max_pixels=500_000_000)
+    assert "truncated or corrupt" in opened.value.reason
