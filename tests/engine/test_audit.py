@@ -8,7 +8,9 @@ hope for.
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
+import shutil
 import signal
 import struct
 import zlib
@@ -21,7 +23,7 @@ import torch
 from simclr_cli.checkpoint import load_checkpoint, save_exported_model, save_training_checkpoint
 from simclr_cli.config import AugmentConfig, OptimConfig, RunConfig, TrainConfig
 from simclr_cli.engine.metrics import MetricsLog
-from simclr_cli.errors import CheckpointError, ImageDecodeError
+from simclr_cli.errors import CheckpointError, DataError, ImageDecodeError
 
 
 @contextlib.contextmanager
@@ -123,3 +125,66 @@ def test_augment_preview_max_pixels_admits_images_above_pillows_limit(
     with pytest.raises(ImageDecodeError) as opened:
         preview_views(path, AugmentConfig(image_size=16), pairs=1, seed=0, max_pixels=500_000_000)
     assert "truncated or corrupt" in opened.value.reason
+
+
+def test_neighbors_never_takes_its_own_sheets_in_the_query_folder_as_queries(
+    photo_index: Path, photos_with_copies: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli.app import app
+
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for name in ("coffee.png", "astronaut.png"):
+        shutil.copy(photos_with_copies / name, queries / name)
+    command = ["neighbors", str(queries), "--index", str(photo_index), "-k", "2"]
+    command += ["-o", str(queries / "sheets"), "--device", "cpu"]
+    for _ in range(2):  # the second run finds the first run's sheets inside the folder
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 0, result.output
+        headers = [line for line in result.stdout.splitlines() if "; sheet:" in line]
+        assert len(headers) == 2, result.stdout
+    assert sorted(p.name for p in (queries / "sheets").iterdir()) == [
+        "astronaut.png",
+        "coffee.png",
+    ]
+
+
+@pytest.mark.parametrize(
+    "planted", ["{root}/../../../etc/passwd", "/etc/passwd", "etc/passwd", "{root}/../x.png"]
+)
+def test_a_manifest_naming_files_outside_the_embedded_folder_is_refused(
+    photo_index: Path, tmp_path: Path, planted: str
+) -> None:
+    from simclr_cli.engine.embeddings import load_embeddings
+
+    index = tmp_path / "vecs.npy"
+    for suffix in (".npy", ".json", ".manifest.csv"):
+        shutil.copy(photo_index.with_suffix(suffix), index.with_suffix(suffix))
+    load_embeddings(index)  # the copy as embed wrote it loads
+    root = json.loads(index.with_suffix(".json").read_text())["data_dir"]
+    lines = index.with_suffix(".manifest.csv").read_text().splitlines()
+    row, path, reason = lines[1].split(",")
+    lines[1] = ",".join([row, planted.format(root=root), reason])
+    index.with_suffix(".manifest.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="manifest.*(outside|not an absolute path inside)"):
+        load_embeddings(index)
+
+
+def test_litter_and_run_folders_are_not_reported_as_empty_classes(
+    few_digits: Path, tmp_path: Path
+) -> None:
+    from simclr_cli.data.images import RUN_MARKER
+    from simclr_cli.data.labeled import scan_labeled
+
+    root = tmp_path / "train"
+    shutil.copytree(few_digits, root)
+    (root / "__MACOSX" / "3").mkdir(parents=True)
+    (root / "finetune-run").mkdir()  # `simclr finetune train -o train/finetune-run`
+    (root / "finetune-run" / RUN_MARKER).write_text("run folder\n")
+    shutil.copy(next((root / "3").iterdir()), root / "finetune-run" / "loss.png")
+    (root / "cats").mkdir()  # a real empty class
+    found = scan_labeled(root)
+    assert found.empty_classes == ["cats"]
+    assert found.class_names == [str(digit) for digit in range(10)]

@@ -27,6 +27,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "RUN_MARKER",
     "decode_image",
+    "is_litter",
     "load_canvas",
     "raise_pillow_pixel_limit",
     "scan_images",
@@ -124,7 +125,7 @@ def _list_folder(folder: str, real_folder: str) -> tuple[list[str], list[tuple[s
             for entry in entries:
                 if entry.name == RUN_MARKER and entry.is_file():
                     return None
-                if entry.name.startswith(".") or entry.name.lower() in _SKIPPED_NAMES:
+                if is_litter(entry.name):
                     continue
                 try:
                     is_dir, is_file = entry.is_dir(), entry.is_file()
@@ -150,6 +151,11 @@ def _list_folder(folder: str, real_folder: str) -> tuple[list[str], list[tuple[s
         logger.warning("skipping folder %s: %s", folder, exc.strerror or exc)
         return None
     return subfolders, files
+
+
+def is_litter(name: str) -> bool:
+    """Whether a file or folder name is hidden or left by an archiver or file browser."""
+    return name.startswith(".") or name.lower() in _SKIPPED_NAMES
 
 
 def _has_image_extension(name: str) -> bool:

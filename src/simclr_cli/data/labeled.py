@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from simclr_cli.data.images import scan_images
+from simclr_cli.data.images import RUN_MARKER, is_litter, scan_images
 from simclr_cli.errors import DataError
 
 __all__ = [
@@ -87,10 +87,14 @@ def scan_labeled(root: Path) -> LabeledImages:
     if not by_class:
         raise DataError(f"{root}: no images found in class subfolders (root/<class>/<image>)")
     names = sorted(by_class)
+    # Litter (__MACOSX) and our own run folders are no classes, empty or not.
     empty = sorted(
         entry.name
         for entry in os.scandir(root)
-        if entry.is_dir() and not entry.name.startswith(".") and entry.name not in by_class
+        if entry.is_dir()
+        and not is_litter(entry.name)
+        and entry.name not in by_class
+        and not os.path.isfile(os.path.join(entry.path, RUN_MARKER))
     )
     paths, labels = [], []
     for index, name in enumerate(names):
