@@ -188,3 +188,38 @@ def test_litter_and_run_folders_are_not_reported_as_empty_classes(
     found = scan_labeled(root)
     assert found.empty_classes == ["cats"]
     assert found.class_names == [str(digit) for digit in range(10)]
+
+
+def test_an_image_above_pillows_limit_is_told_to_use_max_pixels(tmp_path: Path) -> None:
+    # Pillow refuses 400 MP at open; every command lifts that with --max-pixels, so the
+    # message must not say the option cannot help.
+    from simclr_cli.data.images import decode_image
+
+    path = tmp_path / "scan.png"
+    path.write_bytes(_header_only_png(20_000, 20_000))
+    with pytest.raises(ImageDecodeError) as refused:
+        decode_image(path)
+    assert refused.value.reason == (
+        "image of 400000000 pixels exceeds the limit of 178956970; raise it with --max-pixels"
+    )
+
+
+def test_malformed_exif_is_logged_with_its_file_not_warned_anonymously(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from simclr_cli.data.images import decode_image
+
+    digit = Image.fromarray(np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1)))
+    path = tmp_path / "damaged exif.jpg"
+    digit.convert("RGB").save(path, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff junk")
+    with warnings.catch_warnings(record=True) as shown, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
+        assert decode_image(path).size == (16, 16)
+    assert not shown  # Pillow's "Corrupt EXIF data" named no file on stderr
+    assert any(str(path) in r.message and "EXIF" in r.message for r in caplog.records)
