@@ -223,3 +223,50 @@ def test_malformed_exif_is_logged_with_its_file_not_warned_anonymously(
         assert decode_image(path).size == (16, 16)
     assert not shown  # Pillow's "Corrupt EXIF data" named no file on stderr
     assert any(str(path) in r.message and "EXIF" in r.message for r in caplog.records)
+
+
+def _digits_with_junk(few_digits: Path, root: Path) -> Path:
+    """few_digits plus an empty file and a truncated PNG in class 3, and an empty class."""
+    shutil.copytree(few_digits, root)
+    (root / "3" / "empty.png").write_bytes(b"")
+    real = next((root / "3").glob("0*.png")).read_bytes()
+    (root / "3" / "cut.png").write_bytes(real[: len(real) // 2])
+    (root / "cats").mkdir()
+    return root
+
+
+def test_eval_counts_skipped_files_and_reports_readable_images_per_class(
+    encoder_dir: Path, few_digits: Path, digits_test_folder: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli.app import app
+
+    train = _digits_with_junk(few_digits, tmp_path / "train")
+    out = tmp_path / "eval"
+    command = ["eval", str(train), "--test", str(digits_test_folder), "-m", str(encoder_dir)]
+    result = CliRunner().invoke(app, [*command, "-k", "5", "-o", str(out), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "skipped 2 unreadable file(s)" in result.stdout
+    data = json.loads((out / "eval.json").read_text())["data"]
+    assert data["train_images"] == 60 and data["train_per_class"]["3"] == 6
+    assert sorted(Path(p).name for p in data["skipped"]) == ["cut.png", "empty.png"]
+
+
+def test_finetune_warns_of_empty_classes_and_counts_skips_of_both_splits(
+    encoder_dir: Path, few_digits: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from simclr_cli.engine.finetune import FinetuneConfig, finetune
+
+    train = _digits_with_junk(few_digits, tmp_path / "train")
+    test = tmp_path / "test"
+    shutil.copytree(few_digits / "5", test / "5")
+    (test / "5" / "notes.jpg").write_text("not an image\n")
+    config = FinetuneConfig(
+        train_dir=str(train), test_dir=str(test), model=str(encoder_dir),
+        out_dir=str(tmp_path / "run"), label_fraction=1.0, epochs=1, batch_size=32,
+        num_workers=0,
+    )  # fmt: skip
+    result = finetune(config)
+    assert sorted(Path(p).name for p in result.skipped) == ["cut.png", "empty.png", "notes.jpg"]
+    assert any("empty class folder" in r.message and "cats" in r.message for r in caplog.records)

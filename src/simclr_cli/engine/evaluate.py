@@ -75,6 +75,7 @@ class EvalResult:
     out_dir: Path
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable file -> reason
 
 
 def random_init_like(model: LoadedModel, *, seed: int) -> LoadedModel:
@@ -126,6 +127,7 @@ def evaluate(
     confusion: list[list[int]] = []
     skipped: dict[str, str] = {}
     counts: dict[str, int] = {}
+    per_class: dict[str, dict[str, int]] = {}
     for name, (source_model, kind) in sources.items():
         before = state_fingerprint(source_model.backbone)
         features = {}
@@ -151,6 +153,14 @@ def evaluate(
                 "features; the evaluation would not describe the model. Please report this"
             )
         counts = {"train": len(features["train"].labels), "test": len(features["test"].labels)}
+        # Per class as evaluated: unreadable files are not in the features.
+        per_class = {
+            split_name: {
+                class_name: int((features[split_name].labels == label).sum())
+                for label, class_name in enumerate(train.class_names)
+            }
+            for split_name in ("train", "test")
+        }
 
         # Phases 3-4: kNN and linear probe on the same features.
         reporter.message(f"{name}: kNN and linear probe")
@@ -175,6 +185,7 @@ def evaluate(
         train=train,
         test=test,
         counts=counts,
+        per_class=per_class,
         skipped=skipped,
         warnings=warnings,
         options=options,
@@ -192,6 +203,7 @@ def evaluate(
         out_dir=out_dir,
         warnings=warnings,
         seconds=time.monotonic() - started,
+        skipped=skipped,
     )
 
 
@@ -289,6 +301,7 @@ def _record(
     train: LabeledImages,
     test: LabeledImages,
     counts: dict[str, int],
+    per_class: dict[str, dict[str, int]],
     skipped: dict[str, str],
     warnings: list[str],
     options: EvalOptions,
@@ -313,8 +326,8 @@ def _record(
             "classes": train.class_names,
             "train_images": counts.get("train", 0),
             "test_images": counts.get("test", 0),
-            "train_per_class": train.counts(),
-            "test_per_class": test.counts(),
+            "train_per_class": per_class.get("train", train.counts()),
+            "test_per_class": per_class.get("test", test.counts()),
             "skipped": skipped,
             "warnings": warnings,
         },
