@@ -270,3 +270,36 @@ def test_finetune_warns_of_empty_classes_and_counts_skips_of_both_splits(
     result = finetune(config)
     assert sorted(Path(p).name for p in result.skipped) == ["cut.png", "empty.png", "notes.jpg"]
     assert any("empty class folder" in r.message and "cats" in r.message for r in caplog.records)
+
+
+def test_a_decoding_worker_killed_during_a_step_is_one_actionable_line(
+    few_digits: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    import time
+
+    import typer
+
+    from simclr_cli.cli._common import user_errors
+    from simclr_cli.data import loader
+    from simclr_cli.data.loader import ImageBatches, SkipLog
+
+    paths = sorted(few_digits.rglob("*.png"))[:12]
+    real_load = loader.load_canvas
+
+    def load_or_be_killed(path: Path, size: int, **kwargs: object) -> object:
+        if path == paths[8]:  # the OOM killer, say, while the main process trains
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_load(path, size, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loader, "load_canvas", load_or_be_killed)
+    data = ImageBatches(paths, canvas_size=16, num_workers=1, skip_log=SkipLog())
+    started = time.monotonic()
+    with pytest.raises(typer.Exit) as stopped, user_errors():
+        for _batch in data.iterate(range(len(paths)), batch_size=2):
+            time.sleep(0.4)  # a training step: torch's SIGCHLD handler raises in here
+    assert stopped.value.exit_code == 1
+    assert time.monotonic() - started < 30  # no hang
+    err = capsys.readouterr().err
+    assert "an image-decoding worker failed" in err and "--workers 0" in err
+    assert "Traceback" not in err
