@@ -303,3 +303,69 @@ def test_a_decoding_worker_killed_during_a_step_is_one_actionable_line(
     err = capsys.readouterr().err
     assert "an image-decoding worker failed" in err and "--workers 0" in err
     assert "Traceback" not in err
+
+
+def test_ycck_jpeg_keeps_its_colours(tmp_path: Path) -> None:
+    # Pillow writes no YCCK, so the file is built as libjpeg decodes one: Adobe transform 2,
+    # channels Y, Cb, Cr of the ink and inverted K (Photoshop's convention).
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    from simclr_cli.data.images import decode_image
+
+    photo = Image.fromarray(data.chelsea()).resize((64, 48))
+    ink = np.asarray(photo.convert("CMYK")).astype(np.float64)  # (H, W, 4)
+    c, m, y = ink[..., 0], ink[..., 1], ink[..., 2]
+    luma = 0.299 * c + 0.587 * m + 0.114 * y
+    blue = -0.168736 * c - 0.331264 * m + 0.5 * y + 128
+    red = 0.5 * c - 0.418688 * m - 0.081312 * y + 128
+    stored = np.stack([luma, blue, red, 255 - ink[..., 3]], axis=-1)
+    # Pillow stores CMYK JPEG samples inverted, so hand it the inverse of what must be stored.
+    samples = np.clip(np.rint(255 - stored), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(samples, "CMYK").save(buffer, "JPEG", quality=98)
+    jpeg = bytearray(buffer.getvalue())
+    adobe = jpeg.index(b"\xff\xee")  # APP14
+    assert jpeg[adobe + 4 : adobe + 9] == b"Adobe"
+    jpeg[adobe + 15] = 2  # transform: YCCK
+    path = tmp_path / "ycck.jpg"
+    path.write_bytes(bytes(jpeg))
+    assert Image.open(path).info["adobe_transform"] == 2
+    decoded = np.asarray(decode_image(path)).astype(int)
+    source = np.asarray(photo).astype(int)
+    assert np.abs(decoded - source).mean() < 3  # inverted colours would be ~70 off
+
+
+def test_an_unexpected_crash_shows_no_locals_so_no_token(tmp_path: Path) -> None:
+    # Typer's pretty tracebacks would print every frame's locals, an HF_TOKEN included.
+    import os
+    import subprocess
+    import sys
+
+    token = "hf_AUDITsecret0123456789abcdef"
+    (tmp_path / "crashing.py").write_text(
+        "import os\n\n"
+        "def embed_folder(*args, **kwargs):\n"
+        "    secret = os.environ['HF_TOKEN']\n"
+        "    raise ValueError('unexpected failure')\n"
+    )
+    script = (
+        "import sys, crashing, simclr_cli.engine.embed as embed\n"
+        "embed.embed_folder = crashing.embed_folder\n"
+        "from simclr_cli.cli.app import main\n"
+        "sys.argv = ['simclr', 'embed', sys.argv[1], '--model', sys.argv[1], '-o', sys.argv[2]]\n"
+        "main()\n"
+    )
+    env = {**os.environ, "HF_TOKEN": token, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *sys.path])
+    env.pop("_TYPER_STANDARD_TRACEBACK", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), str(tmp_path / "v.npy")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0 and "unexpected failure" in done.stderr
+    assert "crashing.py" in done.stderr  # the traceback is shown, only without locals
+    assert token not in done.stdout + done.stderr
