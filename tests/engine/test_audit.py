@@ -369,3 +369,21 @@ def test_an_unexpected_crash_shows_no_locals_so_no_token(tmp_path: Path) -> None
     assert done.returncode != 0 and "unexpected failure" in done.stderr
     assert "crashing.py" in done.stderr  # the traceback is shown, only without locals
     assert token not in done.stdout + done.stderr
+
+
+def test_eval_output_inside_the_labelled_folder_never_becomes_a_class(
+    encoder_dir: Path, few_digits: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli.app import app
+
+    train = tmp_path / "train"
+    shutil.copytree(few_digits, train)
+    command = ["eval", str(train), "-m", str(encoder_dir), "-k", "5", "--workers", "0"]
+    for _ in range(2):  # the second run finds the first one's confusion.png in train/results
+        result = CliRunner().invoke(app, [*command, "-o", str(train / "results")])
+        assert result.exit_code == 0, result.output
+        data = json.loads((train / "results" / "eval.json").read_text())["data"]
+        assert data["classes"] == [str(digit) for digit in range(10)]
+        assert not data["warnings"]

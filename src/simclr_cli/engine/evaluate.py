@@ -19,6 +19,7 @@ import torch
 
 from simclr_cli import __version__
 from simclr_cli.checkpoint import atomic_write
+from simclr_cli.data.images import RUN_MARKER
 from simclr_cli.data.labeled import LabeledImages, align_classes, scan_labeled, stratified_split
 from simclr_cli.device import resolve_device, resolve_precision
 from simclr_cli.engine.features import (
@@ -109,7 +110,7 @@ def evaluate(
     model = load_model(model_ref)
 
     # Phase 1: one class map for both splits.
-    train, test, warnings, test_kind = _splits(train_dir, test_dir, options)
+    train, test, warnings, test_kind = _splits(train_dir, test_dir, options, out_dir=out_dir)
     for warning in warnings:
         logger.warning(warning)
     num_classes = len(train.class_names)
@@ -208,11 +209,12 @@ def evaluate(
 
 
 def _splits(
-    train_dir: Path, test_dir: Path | None, options: EvalOptions
+    train_dir: Path, test_dir: Path | None, options: EvalOptions, *, out_dir: Path
 ) -> tuple[LabeledImages, LabeledImages, list[str], str]:
-    train = scan_labeled(train_dir)
+    # -o inside a labelled folder must not become a class holding confusion.png.
+    train = scan_labeled(train_dir, exclude=[out_dir])
     if test_dir is not None:
-        test = scan_labeled(test_dir)
+        test = scan_labeled(test_dir, exclude=[out_dir])
         train, test, warnings = align_classes(train, test)
         return train, test, warnings, "test folder"
     warnings = []
@@ -360,6 +362,8 @@ def _write_outputs(
 ) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        # Marked like a run folder, so no later scan takes confusion.png for an input image.
+        (out_dir / RUN_MARKER).write_text("simclr-cli output folder; not scanned as input\n")
         text = json.dumps(record, indent=2) + "\n"
         atomic_write(out_dir / "eval.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
         plot_confusion_matrix(confusion, class_names, out_dir / "confusion.png")
