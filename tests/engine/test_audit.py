@@ -387,3 +387,45 @@ def test_eval_output_inside_the_labelled_folder_never_becomes_a_class(
         data = json.loads((train / "results" / "eval.json").read_text())["data"]
         assert data["classes"] == [str(digit) for digit in range(10)]
         assert not data["warnings"]
+
+
+def _streamed_folder(few_digits: Path, root: Path, *, good: int, junk: int) -> Path:
+    root.mkdir()
+    for number, path in enumerate(sorted(few_digits.rglob("*.png"))[:good]):
+        shutil.copy(path, root / f"digit{number}.png")
+    for number in range(junk):
+        (root / f"junk{number:02d}.png").write_text("not an image\n")
+    return root
+
+
+def _streaming_config(data: Path, out: Path) -> RunConfig:
+    return RunConfig(
+        augment=AugmentConfig(image_size=16),
+        optim=OptimConfig(warmup_epochs=0),
+        train=TrainConfig(
+            data_dir=str(data), out_dir=str(out), epochs=1, global_batch_size=16,
+            num_workers=0, seed=3, cache_limit_gb=0.0,  # stream: bad files show up mid-epoch
+        ),
+    )  # fmt: skip
+
+
+def test_a_streamed_batch_left_with_one_image_is_passed_over(
+    few_digits: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from simclr_cli.engine.pretrain import pretrain
+
+    data = _streamed_folder(few_digits, tmp_path / "data", good=3, junk=29)
+    result = pretrain(_streaming_config(data, tmp_path / "run"))
+    assert result.step >= 1 and len(result.skipped) == 29
+    assert any("passing over a batch" in r.message for r in caplog.records)
+
+
+def test_a_streamed_folder_with_one_readable_image_is_a_clear_error(
+    few_digits: Path, tmp_path: Path
+) -> None:
+    from simclr_cli.engine.pretrain import pretrain
+
+    data = _streamed_folder(few_digits, tmp_path / "data", good=1, junk=31)
+    with pytest.raises(DataError, match="no batch of an epoch held two readable images"):
+        pretrain(_streaming_config(data, tmp_path / "run"))
+    assert not (tmp_path / "run" / "model.safetensors").exists()
