@@ -429,3 +429,21 @@ def test_a_streamed_folder_with_one_readable_image_is_a_clear_error(
     with pytest.raises(DataError, match="no batch of an epoch held two readable images"):
         pretrain(_streaming_config(data, tmp_path / "run"))
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_eval_without_a_test_folder_on_one_image_per_class_says_why(
+    encoder_dir: Path, few_digits: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli.app import app
+
+    train = tmp_path / "train"
+    for digit in ("3", "7"):
+        (train / digit).mkdir(parents=True)
+        shutil.copy(next((few_digits / digit).iterdir()), train / digit / "only.png")
+    command = ["eval", str(train), "-m", str(encoder_dir), "-o", str(tmp_path / "eval")]
+    result = CliRunner().invoke(app, [*command, "--workers", "0"])
+    assert result.exit_code == 1
+    assert "too few images to hold out a validation split" in result.output
+    assert "--test" in result.output

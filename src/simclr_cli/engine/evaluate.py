@@ -221,6 +221,12 @@ def _splits(
     if train.empty_classes:
         warnings.append(f"empty class folder(s): {', '.join(train.empty_classes)}")
     train, test = stratified_split(train, options.val_fraction, seed=options.seed)
+    if len(test) == 0:
+        raise DataError(
+            f"{train_dir}: too few images to hold out a validation split of "
+            f"{options.val_fraction:g} (each class needs two images to spare one); "
+            "give a test folder with --test, or more images"
+        )
     return train, test, warnings, "validation split"
 
 
