@@ -447,3 +447,32 @@ def test_eval_without_a_test_folder_on_one_image_per_class_says_why(
     assert result.exit_code == 1
     assert "too few images to hold out a validation split" in result.output
     assert "--test" in result.output
+
+
+def test_finetune_stops_at_a_non_finite_loss_keeping_a_finite_checkpoint(
+    encoder_dir: Path, few_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pretraining had this test; fine-tuning has the same guard and no test of it.
+    from simclr_cli.engine import finetune as finetune_module
+    from simclr_cli.engine.finetune import FinetuneConfig, finetune
+    from simclr_cli.errors import NonFiniteLossError
+
+    real_loss, calls = finetune_module.F.cross_entropy, []
+
+    def loss_that_explodes_at_step_4(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        value = real_loss(*args, **kwargs)  # type: ignore[arg-type]
+        return value * float("inf") if len(calls) == 4 else value
+
+    monkeypatch.setattr(finetune_module.F, "cross_entropy", loss_that_explodes_at_step_4)
+    run = tmp_path / "run"
+    config = FinetuneConfig(
+        train_dir=str(few_digits), out_dir=str(run), model=str(encoder_dir),
+        label_fraction=1.0, epochs=2, batch_size=20, num_workers=0, device="cpu",
+    )  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match="loss became inf at step 3"):
+        finetune(config)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["step"] == 3 and state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (run / "model.safetensors").exists()
