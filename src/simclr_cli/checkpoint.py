@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ __all__ = [
     "load_exported_model",
     "save_checkpoint",
     "save_exported_model",
+    "save_safetensors",
 ]
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -92,7 +94,59 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
     """Atomically save a training state with its format and package versions."""
     payload = {"format_version": CHECKPOINT_FORMAT_VERSION, "simclr_version": __version__}
     payload.update(state)
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: _torch_save(payload, tmp))
+
+
+class _RecordingWriter:
+    """A file for torch.save that remembers the first OSError its writes raised."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return int(self.handle.write(data))
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _torch_save(payload: Mapping[str, Any], target: Path) -> None:
+    """torch.save, with a failed write (full disk, say) raised as the OSError it is.
+
+    Given a path, torch's zip writer reports a failed write as a RuntimeError ("unexpected
+    pos ...") that names no reason; writing through a Python file keeps the real error.
+    """
+    with open(target, "wb") as handle:
+        writer = _RecordingWriter(handle)
+        try:
+            torch.save(payload, writer)  # type: ignore[arg-type]
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: Path, *, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file, with a failed write raised as an OSError.
+
+    save_file reports I/O failures as a SafetensorError whose text ends in "(os error N)";
+    callers handle OSError for every other write, so the same reason reaches the user.
+    """
+    try:
+        save_file(dict(tensors), str(path), metadata=metadata)
+    except SafetensorError as error:
+        found = re.search(r"os error (\d+)", str(error))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def save_training_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
@@ -158,7 +212,7 @@ def save_exported_model(
     full_config = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION}
     full_config.update(config)
     full_config["simclr_version"] = __version__
-    atomic_write(directory / MODEL_WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(directory / MODEL_WEIGHTS_NAME, lambda tmp: save_safetensors(tensors, tmp))
     text = json.dumps(full_config, indent=2) + "\n"
     atomic_write(directory / MODEL_CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 

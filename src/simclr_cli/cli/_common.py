@@ -46,6 +46,16 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         error_console().print("interrupted", highlight=False)
         raise typer.Exit(code=130) from None
+    except RuntimeError as error:
+        # A decoding worker killed while the main process was busy elsewhere (a training
+        # step): torch raises from its signal handler, outside the loader's own handling.
+        from simclr_cli.data.loader import worker_failure
+
+        failure = worker_failure(error)
+        if failure is None:
+            raise
+        error_console().print(f"[bold red]error:[/] {failure}", highlight=False)
+        raise typer.Exit(code=1) from None
 
 
 def given(**options: Any) -> dict[str, Any]:

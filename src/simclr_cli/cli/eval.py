@@ -162,6 +162,11 @@ def _render(result: EvalResult, *, temperature: float, replaced: bool) -> None:
             "(see eval.json: gradient_max_abs)",
             highlight=False,
         )
+    if result.skipped:
+        console.print(
+            f"skipped {len(result.skipped)} unreadable file(s), named above and in eval.json",
+            highlight=False,
+        )
     console.print(
         f"wrote {result.out_dir / 'eval.json'} and {result.out_dir / 'confusion.png'} "
         f"in {result.seconds:.1f} s" + (" (replacing the previous ones)" if replaced else ""),

@@ -202,7 +202,8 @@ def _render(result: FinetuneResult) -> None:
     console.print(
         f"{state}: {result.step} steps, {result.epochs_completed} epoch(s) on "
         f"{result.labelled_images} labelled images, last epoch's mean loss "
-        f"{result.final_loss:.4f}, in {result.seconds / 60:.1f} min",
+        f"{result.final_loss:.4f}, in {result.seconds / 60:.1f} min"
+        + (f" ({len(result.skipped)} unreadable file(s) skipped)" if result.skipped else ""),
         highlight=False,
     )
     if result.test_accuracy is not None:

@@ -63,7 +63,9 @@ def neighbors_command(
     console = output_console()
     with user_errors():
         embeddings = load_embeddings(index)
-        files, any_folder = expand_queries(queries)
+        # Where the sheets go (the defaults of write_neighbor_sheets when -o is not given).
+        sheets_at = [out] if out is not None else [Path("neighbors"), Path("neighbors.png")]
+        files, any_folder = expand_queries(queries, exclude=sheets_at)
         results = find_neighbors(embeddings, files, k=k, method=search, device=device)
         sheets = write_neighbor_sheets(
             results, embeddings, out, one_per_file=any_folder or len(files) > 1

@@ -11,6 +11,7 @@ import heapq
 import logging
 import math
 import os
+import re
 import unicodedata
 import warnings
 from collections.abc import Iterable
@@ -27,6 +28,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "RUN_MARKER",
     "decode_image",
+    "is_litter",
     "load_canvas",
     "raise_pillow_pixel_limit",
     "scan_images",
@@ -124,7 +126,7 @@ def _list_folder(folder: str, real_folder: str) -> tuple[list[str], list[tuple[s
             for entry in entries:
                 if entry.name == RUN_MARKER and entry.is_file():
                     return None
-                if entry.name.startswith(".") or entry.name.lower() in _SKIPPED_NAMES:
+                if is_litter(entry.name):
                     continue
                 try:
                     is_dir, is_file = entry.is_dir(), entry.is_file()
@@ -150,6 +152,11 @@ def _list_folder(folder: str, real_folder: str) -> tuple[list[str], list[tuple[s
         logger.warning("skipping folder %s: %s", folder, exc.strerror or exc)
         return None
     return subfolders, files
+
+
+def is_litter(name: str) -> bool:
+    """Whether a file or folder name is hidden or left by an archiver or file browser."""
+    return name.startswith(".") or name.lower() in _SKIPPED_NAMES
 
 
 def _has_image_extension(name: str) -> bool:
@@ -199,10 +206,13 @@ def decode_image(
             larger than `max_pixels`; the reason is one line.
     """
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
             # Our own `max_pixels` check replaces Pillow's warning, which would otherwise
             # repeat for every large photo in a folder.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow's other warnings ("Corrupt EXIF data") name no file and the image still
+            # decodes; they go to the debug log with the file's name instead of to stderr.
+            warnings.simplefilter("always", UserWarning)
             with Image.open(path) as img:
                 _check_pixels(path, img.size, max_pixels)
                 if draft_size is not None:
@@ -212,11 +222,14 @@ def decode_image(
                 plain_cmyk = img.format == "JPEG" and "adobe" not in img.info
                 rgb = _to_rgb(_apply_orientation(img, path), plain_cmyk=plain_cmyk)
                 # Closing the file must not invalidate the image we hand back.
-                return rgb if rgb is not img else img.copy()
+                result = rgb if rgb is not img else img.copy()
+        for caught_warning in caught:
+            logger.debug("%s: %s", path, caught_warning.message)
+        return result
     except ImageDecodeError:
         raise
     except Exception as exc:
-        raise ImageDecodeError(path, _describe_failure(path, exc)) from exc
+        raise ImageDecodeError(path, _describe_failure(path, exc, max_pixels)) from exc
 
 
 def raise_pillow_pixel_limit(max_pixels: int) -> None:
@@ -301,9 +314,17 @@ def _stretch_to_grey(img: Image.Image) -> Image.Image:
     return Image.fromarray(grey)
 
 
-def _describe_failure(path: str | Path, exc: Exception) -> str:
+def _describe_failure(path: str | Path, exc: Exception, max_pixels: int | None = None) -> str:
     detail = " ".join(str(exc).split())[:160]
     if isinstance(exc, Image.DecompressionBombError):
+        # Pillow refuses at open, before our own check sees the size. Above our limit too,
+        # the reason is ours: the commands lift Pillow's limit along with --max-pixels.
+        size = re.search(r"\((\d+) pixels\)", detail)
+        if max_pixels is not None and size is not None and int(size.group(1)) > max_pixels:
+            return (
+                f"image of {size.group(1)} pixels exceeds the limit of {max_pixels}; "
+                "raise it with --max-pixels"
+            )
         return f"too large for Pillow, which --max-pixels cannot lift ({detail})"
     if isinstance(exc, UnidentifiedImageError):
         return "empty file" if _is_empty(path) else "not an image, or a format Pillow cannot read"

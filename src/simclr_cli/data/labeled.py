@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from simclr_cli.data.images import scan_images
+from simclr_cli.data.images import RUN_MARKER, is_litter, scan_images
 from simclr_cli.errors import DataError
 
 __all__ = [
@@ -64,8 +65,10 @@ class LabeledImages:
         return LabeledImages(self.paths, labels, class_names, empty_classes=self.empty_classes)
 
 
-def scan_labeled(root: Path) -> LabeledImages:
+def scan_labeled(root: Path, *, exclude: Iterable[str | Path] = ()) -> LabeledImages:
     """Scan root/<class>/**/<image>; classes map to indices in sorted-name order.
+
+    Paths in `exclude` (a command's own output folder) are neither scanned nor classes.
 
     Raises:
         DataError: If the folder holds no class subfolders with images, or images lie
@@ -74,7 +77,8 @@ def scan_labeled(root: Path) -> LabeledImages:
     root = Path(os.path.abspath(root))  # scan_images returns absolute paths
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
-    found = scan_images(root)
+    excluded = {os.path.realpath(path) for path in exclude}
+    found = scan_images(root, exclude=excluded)
     by_class: dict[str, list[Path]] = {}
     for path in found:
         relative = path.relative_to(root)
@@ -87,10 +91,15 @@ def scan_labeled(root: Path) -> LabeledImages:
     if not by_class:
         raise DataError(f"{root}: no images found in class subfolders (root/<class>/<image>)")
     names = sorted(by_class)
+    # Litter (__MACOSX) and our own run folders are no classes, empty or not.
     empty = sorted(
         entry.name
         for entry in os.scandir(root)
-        if entry.is_dir() and not entry.name.startswith(".") and entry.name not in by_class
+        if entry.is_dir()
+        and not is_litter(entry.name)
+        and entry.name not in by_class
+        and not os.path.isfile(os.path.join(entry.path, RUN_MARKER))
+        and os.path.realpath(entry.path) not in excluded
     )
     paths, labels = [], []
     for index, name in enumerate(names):

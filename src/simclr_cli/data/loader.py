@@ -21,7 +21,14 @@ from torch.utils.data import DataLoader, Dataset
 from simclr_cli.data.images import DEFAULT_MAX_PIXELS, load_canvas, raise_pillow_pixel_limit
 from simclr_cli.errors import DataError, ImageDecodeError
 
-__all__ = ["CanvasBatch", "ImageBatches", "SkipLog", "batches_per_epoch", "default_num_workers"]
+__all__ = [
+    "CanvasBatch",
+    "ImageBatches",
+    "SkipLog",
+    "batches_per_epoch",
+    "default_num_workers",
+    "worker_failure",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -211,10 +218,26 @@ class ImageBatches:
                     "stalled network drive or be pathologically slow to decode. Retry with "
                     "--workers 0 to see which file it is"
                 ) from None
-            if "DataLoader worker" in str(error) or "shared memory" in str(error).lower():
-                raise DataError(
-                    f"an image-decoding worker failed ({str(error).splitlines()[0]}); "
-                    "retry with --workers 0, or give the container more shared memory "
-                    "(docker run --shm-size=2g)"
-                ) from None
+            failure = worker_failure(error)
+            if failure is not None:
+                raise failure from None
             raise
+
+
+def worker_failure(error: BaseException) -> DataError | None:
+    """The actionable error for a dead decoding worker or exhausted shared memory, else None.
+
+    torch reports a worker killed by a signal (the OOM killer, say) from its SIGCHLD handler,
+    so the RuntimeError can surface anywhere in the main process, a training step included,
+    not only where batches are fetched: the command line converts it as well.
+    """
+    text = str(error)
+    if not isinstance(error, RuntimeError):
+        return None
+    if "DataLoader worker" not in text and "shared memory" not in text.lower():
+        return None
+    first_line = text.splitlines()[0].strip() if text.strip() else type(error).__name__
+    return DataError(
+        f"an image-decoding worker failed ({first_line}); retry with --workers 0, or give "
+        "the container more memory and shared memory (docker run --shm-size=2g)"
+    )

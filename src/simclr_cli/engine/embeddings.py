@@ -79,9 +79,34 @@ def load_embeddings(array_path: Path) -> Embeddings:
             f"{array_path}: expected a non-empty 2-D float array, got shape {vectors.shape} "
             f"of {vectors.dtype}"
         )
-    paths = _read_manifest(array_path.with_suffix(".manifest.csv"), rows=vectors.shape[0])
+    manifest = array_path.with_suffix(".manifest.csv")
+    paths = _read_manifest(manifest, rows=vectors.shape[0])
     meta = _read_meta(array_path.with_suffix(".json"), vectors.shape)
+    _check_inside(manifest, paths, meta.get("data_dir"))
     return Embeddings(array_path, vectors, paths, meta)
+
+
+def _check_inside(manifest: Path, paths: Sequence[Path], data_dir: object) -> None:
+    """Every listed file must lie in the folder that was embedded, as embed wrote it.
+
+    Sheets, maps and HTML pages open and name the files a manifest lists; an edited or
+    foreign manifest naming ../../etc/passwd or /home/someone/private.jpg must not make them
+    read files outside the embedded folder. Paths are compared as written, not resolved:
+    embed lists files under their folder's own name, symlinked subfolders included.
+    """
+    root = os.path.abspath(str(data_dir)) if isinstance(data_dir, str) and data_dir else None
+    for path in paths:
+        text = str(path)
+        if ".." in path.parts or not path.is_absolute():
+            raise DataError(
+                f"{manifest}: {text!r} is not an absolute path inside the embedded folder; "
+                "the manifest was edited or not written by simclr embed: run it again"
+            )
+        if root is not None and os.path.commonpath([root, text]) != root:
+            raise DataError(
+                f"{manifest}: {text} lies outside the embedded folder {root}; the manifest "
+                "was edited or belongs to another index: run simclr embed again"
+            )
 
 
 def _read_manifest(manifest: Path, *, rows: int) -> list[Path]:

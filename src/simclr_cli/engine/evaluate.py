@@ -19,6 +19,7 @@ import torch
 
 from simclr_cli import __version__
 from simclr_cli.checkpoint import atomic_write
+from simclr_cli.data.images import RUN_MARKER
 from simclr_cli.data.labeled import LabeledImages, align_classes, scan_labeled, stratified_split
 from simclr_cli.device import resolve_device, resolve_precision
 from simclr_cli.engine.features import (
@@ -75,6 +76,7 @@ class EvalResult:
     out_dir: Path
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable file -> reason
 
 
 def random_init_like(model: LoadedModel, *, seed: int) -> LoadedModel:
@@ -108,7 +110,7 @@ def evaluate(
     model = load_model(model_ref)
 
     # Phase 1: one class map for both splits.
-    train, test, warnings, test_kind = _splits(train_dir, test_dir, options)
+    train, test, warnings, test_kind = _splits(train_dir, test_dir, options, out_dir=out_dir)
     for warning in warnings:
         logger.warning(warning)
     num_classes = len(train.class_names)
@@ -126,6 +128,7 @@ def evaluate(
     confusion: list[list[int]] = []
     skipped: dict[str, str] = {}
     counts: dict[str, int] = {}
+    per_class: dict[str, dict[str, int]] = {}
     for name, (source_model, kind) in sources.items():
         before = state_fingerprint(source_model.backbone)
         features = {}
@@ -151,6 +154,14 @@ def evaluate(
                 "features; the evaluation would not describe the model. Please report this"
             )
         counts = {"train": len(features["train"].labels), "test": len(features["test"].labels)}
+        # Per class as evaluated: unreadable files are not in the features.
+        per_class = {
+            split_name: {
+                class_name: int((features[split_name].labels == label).sum())
+                for label, class_name in enumerate(train.class_names)
+            }
+            for split_name in ("train", "test")
+        }
 
         # Phases 3-4: kNN and linear probe on the same features.
         reporter.message(f"{name}: kNN and linear probe")
@@ -175,6 +186,7 @@ def evaluate(
         train=train,
         test=test,
         counts=counts,
+        per_class=per_class,
         skipped=skipped,
         warnings=warnings,
         options=options,
@@ -192,21 +204,29 @@ def evaluate(
         out_dir=out_dir,
         warnings=warnings,
         seconds=time.monotonic() - started,
+        skipped=skipped,
     )
 
 
 def _splits(
-    train_dir: Path, test_dir: Path | None, options: EvalOptions
+    train_dir: Path, test_dir: Path | None, options: EvalOptions, *, out_dir: Path
 ) -> tuple[LabeledImages, LabeledImages, list[str], str]:
-    train = scan_labeled(train_dir)
+    # -o inside a labelled folder must not become a class holding confusion.png.
+    train = scan_labeled(train_dir, exclude=[out_dir])
     if test_dir is not None:
-        test = scan_labeled(test_dir)
+        test = scan_labeled(test_dir, exclude=[out_dir])
         train, test, warnings = align_classes(train, test)
         return train, test, warnings, "test folder"
     warnings = []
     if train.empty_classes:
         warnings.append(f"empty class folder(s): {', '.join(train.empty_classes)}")
     train, test = stratified_split(train, options.val_fraction, seed=options.seed)
+    if len(test) == 0:
+        raise DataError(
+            f"{train_dir}: too few images to hold out a validation split of "
+            f"{options.val_fraction:g} (each class needs two images to spare one); "
+            "give a test folder with --test, or more images"
+        )
     return train, test, warnings, "validation split"
 
 
@@ -289,6 +309,7 @@ def _record(
     train: LabeledImages,
     test: LabeledImages,
     counts: dict[str, int],
+    per_class: dict[str, dict[str, int]],
     skipped: dict[str, str],
     warnings: list[str],
     options: EvalOptions,
@@ -313,8 +334,8 @@ def _record(
             "classes": train.class_names,
             "train_images": counts.get("train", 0),
             "test_images": counts.get("test", 0),
-            "train_per_class": train.counts(),
-            "test_per_class": test.counts(),
+            "train_per_class": per_class.get("train", train.counts()),
+            "test_per_class": per_class.get("test", test.counts()),
             "skipped": skipped,
             "warnings": warnings,
         },
@@ -347,6 +368,8 @@ def _write_outputs(
 ) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        # Marked like a run folder, so no later scan takes confusion.png for an input image.
+        (out_dir / RUN_MARKER).write_text("simclr-cli output folder; not scanned as input\n")
         text = json.dumps(record, indent=2) + "\n"
         atomic_write(out_dir / "eval.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
         plot_confusion_matrix(confusion, class_names, out_dir / "confusion.png")

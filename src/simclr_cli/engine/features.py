@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from simclr_cli.checkpoint import atomic_write
+from simclr_cli.checkpoint import atomic_write, save_safetensors
 from simclr_cli.data.augment import center_view
 from simclr_cli.data.labeled import LabeledImages
 from simclr_cli.data.loader import ImageBatches, SkipLog, default_num_workers
@@ -200,7 +199,7 @@ def _write_cache(
     metadata = {"skipped": json.dumps(skipped)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata=metadata))
     except OSError as error:
         # The cache only saves time; evaluation goes on without it.
         logger.warning("could not write the feature cache %s (%s)", path, os_error_reason(error))

@@ -188,6 +188,11 @@ def finetune(
 
     # Labelled subset, the same for every seed-equal run (and for --from-scratch).
     everything = scan_labeled(Path(config.train_dir))
+    if everything.empty_classes:
+        logger.warning(
+            "empty class folder(s) in the training folder, left out of the classifier: %s",
+            ", ".join(everything.empty_classes),
+        )
     labelled = balanced_subset(
         everything,
         fraction=config.label_fraction if config.labels_per_class is None else None,
@@ -256,7 +261,13 @@ def finetune(
     if not loop.interrupted:
         if config.test_dir:
             test_accuracy, test_images = _test(
-                loop.network, config, labelled.class_names, pretrained.config, device, precision
+                loop.network,
+                config,
+                labelled.class_names,
+                pretrained.config,
+                device,
+                precision,
+                skip_log=skip_log,
             )
             metrics.append(
                 {
@@ -518,8 +529,13 @@ def _test(
     model_config: dict[str, Any],
     device: torch.device,
     precision: Precision,
+    *,
+    skip_log: SkipLog,
 ) -> tuple[float, int]:
-    """Top-1 accuracy on the test folder, evaluation view (resize + centre crop)."""
+    """Top-1 accuracy on the test folder, evaluation view (resize + centre crop).
+
+    Unreadable test images are recorded in `skip_log`, with the training set's.
+    """
     train_names = LabeledImages([], [], class_names)
     _, test, warnings = align_classes(train_names, scan_labeled(Path(config.test_dir or "")))
     for warning in warnings:
@@ -530,7 +546,7 @@ def _test(
         test.paths,
         canvas_size=int(preprocessing["decode_size"]),
         num_workers=config.num_workers if config.num_workers is not None else default_num_workers(),
-        skip_log=SkipLog(strict=config.strict),
+        skip_log=skip_log,
         max_pixels=config.max_pixels,
     )
     mean = torch.tensor(preprocessing["mean"], device=device)[None, :, None, None]
@@ -584,4 +600,11 @@ def _export(
             },
         }
     )
-    save_exported_model(run_dir, loop.network.state_dict(), exported)
+    try:
+        save_exported_model(run_dir, loop.network.state_dict(), exported)
+    except OSError as error:
+        raise CheckpointError(
+            f"could not write the classifier to {run_dir} ({os_error_reason(error)}); the last "
+            f"checkpoint is intact: free some space, then export it with "
+            f"simclr finetune --resume {run_dir}"
+        ) from None

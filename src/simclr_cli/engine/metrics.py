@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
+
+from simclr_cli.errors import CheckpointError, os_error_reason
 
 __all__ = ["MetricsLog", "plot_loss_curve"]
 
@@ -20,9 +23,20 @@ class MetricsLog:
         self.path = path
 
     def append(self, record: dict[str, Any]) -> None:
-        """Write one record and flush it, so a killed run keeps everything logged so far."""
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        """Write one record and flush it, so a killed run keeps everything logged so far.
+
+        Raises:
+            CheckpointError: The log cannot be written (a full disk, a folder made read-only);
+                the run stops there, its last checkpoint untouched.
+        """
+        try:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise CheckpointError(
+                f"could not write {self.path} ({os_error_reason(error)}); the last checkpoint "
+                "is intact: free some space, then continue with --resume"
+            ) from None
 
     def read(self) -> list[dict[str, Any]]:
         """Every complete record; a torn last line (killed mid-write) is ignored."""
@@ -81,6 +95,13 @@ def plot_loss_curve(
     loss_axis.set_title(title)
     figure.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp)
-    plt.close(figure)
-    tmp.replace(path)
+    try:
+        figure.savefig(tmp)
+        tmp.replace(path)
+    except OSError as error:
+        # The picture only repeats metrics.jsonl; a full disk must not stop the run for it.
+        logger.warning("could not draw %s (%s)", path, os_error_reason(error))
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    finally:
+        plt.close(figure)

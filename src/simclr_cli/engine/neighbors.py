@@ -33,14 +33,20 @@ class NeighborResult:
     neighbors: list[tuple[int, float]]
 
 
-def expand_queries(queries: Sequence[Path]) -> tuple[list[Path], bool]:
-    """Image files named directly or found in named folders; True if any folder was named."""
+def expand_queries(
+    queries: Sequence[Path], *, exclude: Sequence[Path] = ()
+) -> tuple[list[Path], bool]:
+    """Image files named directly or found in named folders; True if any folder was named.
+
+    Paths in `exclude` (the sheets this command writes) are never taken from a folder, so
+    sheets written into a query folder do not become queries the next time.
+    """
     files: list[Path] = []
     any_folder = False
     for query in queries:
         if query.is_dir():
             any_folder = True
-            found = scan_images(query)
+            found = scan_images(query, exclude=exclude)
             if not found:
                 raise DataError(f"{query}: no images in this query folder")
             files.extend(found)

@@ -251,7 +251,14 @@ def _pretrain(
             "temperature": config.train.temperature,
             "dataset": config.train.data_dir,
         }
-        save_exported_model(run_dir, loop.model.state_dict(), export_config(config, training))
+        try:
+            save_exported_model(run_dir, loop.model.state_dict(), export_config(config, training))
+        except OSError as error:
+            raise CheckpointError(
+                f"could not write the final model to {run_dir} ({os_error_reason(error)}); the "
+                f"last checkpoint is intact: free some space, then export it with "
+                f"simclr pretrain --resume {run_dir}"
+            ) from None
     return PretrainResult(
         run_dir=run_dir,
         step=loop.step,
@@ -576,6 +583,7 @@ def _train(
     last_save = time.monotonic()
     try:
         while loop.epoch < train.epochs and not loop.interrupted:
+            whole_epoch, steps_before = loop.batch_in_epoch == 0, loop.step
             order = _epoch_order(
                 train, loop.epoch, num_images=num_images, steps_per_epoch=steps_per_epoch
             )
@@ -583,6 +591,17 @@ def _train(
             for batch in data.iterate(
                 shard.local_order(loop.batch_in_epoch), batch_size=shard.share
             ):
+                if len(batch.indices) < 2 and not context.enabled:
+                    # Streamed folders learn which files are unreadable only now; a batch
+                    # left with one image has no negative, so it is passed over, not trained.
+                    logger.warning(
+                        "passing over a batch left with %d readable image(s) of %d; SimCLR "
+                        "needs two",
+                        len(batch.indices),
+                        shard.share,
+                    )
+                    loop.batch_in_epoch += 1
+                    continue
                 _step(
                     loop,
                     config,
@@ -610,6 +629,11 @@ def _train(
                         _save(loop, config, run_dir)
                     last_save = time.monotonic()
             else:
+                if whole_epoch and loop.step == steps_before and not context.enabled:
+                    raise DataError(
+                        f"{train.data_dir}: no batch of an epoch held two readable images "
+                        f"({data.skip_log.count} files could not be read); nothing was trained"
+                    )
                 _finish_epoch(loop, config, run_dir, metrics, reporter, context)
                 last_save = time.monotonic()
         if loop.interrupted:

@@ -16,7 +16,12 @@ import torch
 
 from simclr_cli.config import AugmentConfig, blur_probability, decode_size
 from simclr_cli.data.augment import ViewParams, apply_view, sample_view_params
-from simclr_cli.data.images import DEFAULT_MAX_PIXELS, decode_image, load_canvas
+from simclr_cli.data.images import (
+    DEFAULT_MAX_PIXELS,
+    decode_image,
+    load_canvas,
+    raise_pillow_pixel_limit,
+)
 from simclr_cli.errors import ConfigError, os_error_reason
 from simclr_cli.seeding import generator_for
 
@@ -57,6 +62,8 @@ def preview_views(
     if pairs < 1:
         raise ConfigError("ask for at least one pair of views (-n 1)")
     limit = max_pixels or DEFAULT_MAX_PIXELS
+    if limit > DEFAULT_MAX_PIXELS:
+        raise_pillow_pixel_limit(limit)  # as the training loader does for the same option
     original = decode_image(image_path, max_pixels=limit)  # RGB, EXIF-oriented
     canvas, (height, width) = load_canvas(image_path, decode_size(augment), max_pixels=limit)
     to_file = (original.width / width, original.height / height)
