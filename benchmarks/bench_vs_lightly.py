@@ -852,12 +852,20 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
 
 
 def summarise(
-    results: list[JobResult], bound: dict[str, Any], precision: str
+    results: list[JobResult],
+    bound: dict[str, Any],
+    precision: str,
+    theirs_precision: str | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per metric: per-seed values for each side, means and ours/theirs."""
+    """One row per metric: per-seed values for each side, means and ours/theirs.
+
+    Each side's fraction of the bound uses the bound of its own precision; the "bound"
+    column shows ours.
+    """
     ours = [r for r in results if r.side == "ours"]
     lightly_runs = [r for r in results if r.side == "lightly"]
     peak = bound["matmul_gflops"][precision] * 1e9
+    their_peak = bound["matmul_gflops"][theirs_precision or precision] * 1e9
     train_bound = peak / bound["flops_per_image"]["train"]
     embed_bound = peak / bound["flops_per_image"]["embed"]
     rows: list[dict[str, Any]] = []
@@ -870,6 +878,7 @@ def summarise(
         theirs: Callable[[JobResult], float] | None = None,
         theirs_from_ours: bool = False,
         bound_rate: float | None = None,
+        their_bound_rate: float | None = None,
     ) -> None:
         mine = _stats([get(r) for r in ours])
         other_runs = ours if theirs_from_ours else lightly_runs
@@ -879,11 +888,24 @@ def summarise(
         if bound_rate is not None:
             row["bound"] = bound_rate
             row["ours_fraction_of_bound"] = mine["mean"] / bound_rate
-            row["theirs_fraction_of_bound"] = other["mean"] / bound_rate
+            row["theirs_fraction_of_bound"] = other["mean"] / (their_bound_rate or bound_rate)
         rows.append(row)
 
-    add("pretrain end to end", "img/s", lambda r: r.pretrain_images_per_s, bound_rate=train_bound)
-    add("model step only", "img/s", lambda r: r.step_images_per_s, bound_rate=train_bound)
+    their_train_bound = their_peak / bound["flops_per_image"]["train"]
+    add(
+        "pretrain end to end",
+        "img/s",
+        lambda r: r.pretrain_images_per_s,
+        bound_rate=train_bound,
+        their_bound_rate=their_train_bound,
+    )
+    add(
+        "model step only",
+        "img/s",
+        lambda r: r.step_images_per_s,
+        bound_rate=train_bound,
+        their_bound_rate=their_train_bound,
+    )
     # Embedding's baseline is the plain pipeline on our own trained encoder (same model).
     add(
         "embed (theirs: plain PIL+torchvision)",
@@ -980,6 +1002,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 per side (noise)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument(
+        "--lightly-precision",
+        choices=("fp32", "bf16"),
+        help="lightly's side only (default: --precision); compares each tool at its own default",
+    )
     parser.add_argument("--arch", choices=("resnet18", "resnet50"), default="resnet18")
     parser.add_argument("--image-size", type=int, help="training side in px (default: per config)")
     parser.add_argument("--workers", type=int, default=1, help="data-loader workers, both sides")
@@ -1080,6 +1107,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "epochs": args.epochs,
             "seeds": args.seeds,
             "precision": args.precision,
+            "lightly_precision": args.lightly_precision or args.precision,
             "workers": args.workers,
             "threads": threads,
             "optimizer": args.optimizer,
@@ -1101,7 +1129,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     small_stem=small_stem,
                     batch_size=args.batch_size,
                     epochs=args.epochs,
-                    precision=args.precision,
+                    precision=(
+                        args.lightly_precision or args.precision
+                        if side == "lightly"
+                        else args.precision
+                    ),
                     workers=args.workers,
                     threads=args.threads,
                     optimizer=args.optimizer,
@@ -1114,7 +1146,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 )
                 results.append(run_job(job) if args.in_process else _run_job_in_child(job))
 
-    rows = summarise(results, bound, args.precision)
+    rows = summarise(results, bound, args.precision, args.lightly_precision)
     table = format_table(rows)
     record["machine"]["load_average_at_end"] = os.getloadavg()
     record.update(
@@ -1145,13 +1177,18 @@ def _plain_json(value: Any) -> Any:
     return value
 
 
+def _precisions(settings: dict[str, Any]) -> str:
+    ours, theirs = settings["precision"], settings.get("lightly_precision", settings["precision"])
+    return ours if ours == theirs else f"ours {ours}, lightly {theirs}"
+
+
 def _headline(settings: dict[str, Any], bound: dict[str, Any], machine: dict[str, Any]) -> str:
     flops = bound["flops_per_image"]
     gflops = bound["matmul_gflops"]
     return (
         f"\n{settings['config']}: {settings['images']} images at {settings['image_size']} px, "
         f"{settings['arch']} ({'small' if settings['small_stem'] else 'standard'} stem), batch "
-        f"{settings['batch_size']}, {settings['epochs']} epoch(s), {settings['precision']}, "
+        f"{settings['batch_size']}, {settings['epochs']} epoch(s), {_precisions(settings)}, "
         f"{settings['optimizer']}, {settings['workers']} worker(s), {settings['threads']} "
         f"thread(s), {settings['seeds']} seed(s)\n"
         f"machine: {machine['cpu_model']} | torch {machine['versions']['torch']} | lightly "

@@ -62,7 +62,8 @@ def augment_preview_command(
     console = output_console()
     console.print(
         f"wrote {result.path}: the original ({result.original_size[0]}x"
-        f"{result.original_size[1]}) and {pairs} pairs of views at {augment.image_size} px",
+        f"{result.original_size[1]}) and {pairs} pair{'s' if pairs != 1 else ''} of views at "
+        f"{augment.image_size} px",
         highlight=False,
     )
     if show:

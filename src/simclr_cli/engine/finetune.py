@@ -170,7 +170,8 @@ def resume_finetune_config(run_dir: Path, **overrides: Any) -> FinetuneConfig:
     if refused:
         raise ConfigError(
             f"cannot change {', '.join(refused)} when resuming a fine-tuning run; start a new "
-            "run instead (resume may change --epochs, --device, --workers, --test and --strict)"
+            "run instead (resume may change --epochs, --device, --workers, --test, --strict "
+            "and --max-pixels)"
         )
     safe = {k: v for k, v in overrides.items() if k in RESUMABLE_FIELDS}
     return replace(saved, out_dir=str(run_dir), **safe)

@@ -196,7 +196,7 @@ def _pretrain(
     resume: bool,
     started: float,
 ) -> PretrainResult:
-    precision = resolve_precision(config.train.precision, device)
+    precision = resolve_precision(config.train.precision, device, training=True)
     run_dir = Path(config.train.out_dir)
     paths = _scan(config.train, run_dir)
     banner = _banner(config, device=device, precision=precision, run_dir=run_dir)

@@ -1,0 +1,58 @@
+"""Device and precision choice, `auto` included."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from simclr_cli.config import AugmentConfig, RunConfig, TrainConfig
+from simclr_cli.device import resolve_device, resolve_precision
+from simclr_cli.engine.pretrain import pretrain
+from simclr_cli.errors import DeviceError
+
+CPU = torch.device("cpu")
+
+
+def test_auto_on_the_cpu_trains_in_bf16_only_with_matrix_units(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SIMCLR_CPU_BF16", "1")
+    assert resolve_precision("auto", CPU, training=True).name == "bf16"
+    # Features stay fp32: similarity thresholds downstream would feel bf16 rounding.
+    assert resolve_precision("auto", CPU).name == "fp32"
+    monkeypatch.setenv("SIMCLR_CPU_BF16", "0")
+    assert resolve_precision("auto", CPU, training=True).name == "fp32"
+    assert resolve_precision("BF16", CPU).dtype == torch.bfloat16  # asked for, always honoured
+
+
+def test_impossible_choices_are_one_line_errors() -> None:
+    with pytest.raises(DeviceError, match="fp16 is not supported on the CPU"):
+        resolve_precision("fp16", CPU)
+    with pytest.raises(DeviceError, match="unknown precision"):
+        resolve_precision("fp8", CPU)
+    with pytest.raises(DeviceError, match="unknown device"):
+        resolve_device("tpu:0")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_auto_precision_is_logged_as_resolved(
+    few_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIMCLR_CPU_BF16", "1")
+    config = RunConfig(
+        augment=AugmentConfig(image_size=16, flip_prob=0.0),
+        train=TrainConfig(data_dir=str(few_digits), out_dir=str(tmp_path / "run"), epochs=1,
+                          global_batch_size=32, num_workers=0),
+    )  # fmt: skip
+    result = pretrain(config)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    start = next(r for r in records if r.get("kind") == "start")
+    assert start["precision"] == "bf16"
+    assert (
+        json.loads((tmp_path / "run" / "run_config.json").read_text())["train"]["precision"]
+        == "auto"
+    )
+    assert result.step == 1
