@@ -4,6 +4,8 @@ Writes 19 public-domain/CC photos (scikit-image, scikit-learn; docs/datasets.md)
 near-copies of each (JPEG quality 50, half size, 5% cut from every side) into PHOTOS, embeds
 them with each MODEL, and prints per model: the lowest similarity of a copy to its original,
 the highest similarity between different photos, and what the default threshold finds.
+`--centred T` (repeatable) also measures the cosine after subtracting the collection's mean
+unit vector (not what `simclr duplicates` uses; docs/neighbors.md says why).
 
     python benchmarks/duplicates_threshold.py --photos /tmp/photos --model RUN [--model RUN2]
 """
@@ -29,7 +31,49 @@ PHOTOS = (
 )  # fmt: skip
 
 
-def measure(photos: Path, model: Path, work: Path, thresholds: list[float]) -> list[str]:
+def _components(similarity: np.ndarray, threshold: float) -> list[int]:
+    """Connected component of each row when pairs at or above the threshold are linked."""
+    parent = list(range(len(similarity)))
+
+    def find(item: int) -> int:
+        while parent[item] != item:
+            parent[item] = parent[parent[item]]
+            item = parent[item]
+        return item
+
+    for a, b in zip(*np.nonzero(np.triu(similarity >= threshold, 1)), strict=True):
+        parent[find(int(a))] = find(int(b))
+    return [find(row) for row in range(len(similarity))]
+
+
+def centred_rows(
+    name: str, similarity: np.ndarray, families: list[str], copies: list[tuple[int, int]],
+    thresholds: list[float],
+) -> list[str]:  # fmt: skip
+    """Table rows for a similarity matrix grouped here (not by find_duplicates)."""
+    same = np.array([[a == b for b in families] for a in families])
+    different = np.where(same, -np.inf, similarity)
+    a, b = np.unravel_index(np.argmax(different), different.shape)
+    copy_low = min(similarity[i, j] for i, j in copies)
+    rows = []
+    for threshold in thresholds:
+        component = _components(similarity, threshold)
+        found = sum(1 for i, j in copies if component[i] == component[j])
+        members: dict[int, set[str]] = {}
+        for row, root in enumerate(component):
+            members.setdefault(root, set()).add(families[row])
+        mixed = [names for names in members.values() if len(names) > 1]
+        rows.append(
+            f"| {name} | {copy_low:.4f} | {different[a, b]:.4f} ({families[a]} / "
+            f"{families[b]}) | {threshold} | {found}/{len(copies)} | - "
+            f"| {len(mixed)} ({sum(len(names) for names in mixed)} photos) |"
+        )
+    return rows
+
+
+def measure(
+    photos: Path, model: Path, work: Path, thresholds: list[float], centred: list[float]
+) -> list[str]:
     """Markdown table rows for this model, one per threshold."""
     out = work / f"{model.name}.npy"
     embed_folder(photos, model, out, options=EmbedOptions(num_workers=0, device="cpu"))
@@ -64,6 +108,12 @@ def measure(photos: Path, model: Path, work: Path, thresholds: list[float]) -> l
             f"{families[b]}) | {threshold} | {found}/{len(copies)} | {len(groups)} "
             f"| {len(mixed)} ({photos_in_mixed} photos) |"
         )
+    if centred:
+        shifted = unit - unit.mean(axis=0)
+        shifted /= np.linalg.norm(shifted, axis=1, keepdims=True)
+        rows += centred_rows(
+            f"{model.name}, centred", shifted @ shifted.T, families, copies, centred
+        )
     return rows
 
 
@@ -73,6 +123,9 @@ def main() -> None:
     parser.add_argument("--photos", type=Path, required=True, help="folder to write photos into")
     parser.add_argument("--model", type=Path, action="append", required=True)
     parser.add_argument("--threshold", type=float, action="append", help="repeatable")
+    parser.add_argument(
+        "--centred", type=float, action="append", default=[], help="threshold on centred cosine"
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/duplicates-benchmark"))
     args = parser.parse_args()
     if not any(args.photos.glob("*.png")):
@@ -84,7 +137,8 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     for model in args.model:
-        for row in measure(args.photos, model, args.work, args.threshold or [DEFAULT_THRESHOLD]):
+        thresholds = args.threshold or [DEFAULT_THRESHOLD]
+        for row in measure(args.photos, model, args.work, thresholds, args.centred):
             print(row, flush=True)
 
 

@@ -43,8 +43,7 @@ def test_html_map_is_self_contained_with_every_thumbnail_inline(
     photo_index: Path, tmp_path: Path
 ) -> None:
     # No network references; each thumbnail is a data URI carrying its file name for hover.
-    # Limitation: no headless browser is installable here, so this checks the page's structure,
-    # not how a browser draws it.
+    # This checks the page's structure; test_map_browser.py checks how Chromium draws it.
     embeddings = load_embeddings(photo_index)
     layout = compute_layout(embeddings.vectors, method="pca")
     page, thumbs = write_map_html(layout, embeddings.paths, tmp_path / "map.html")
