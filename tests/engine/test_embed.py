@@ -184,3 +184,28 @@ def test_progress_of_another_model_is_not_reused(
     normalised = EmbedOptions(batch_size=16, num_workers=0, device="cpu", l2_normalize=True)
     embed_folder(few_digits, model_dir, out, options=normalised)
     assert np.allclose(np.linalg.norm(np.load(out), axis=1), 1.0, atol=1e-5)
+
+
+def test_a_disk_too_full_for_the_rows_is_an_error_before_any_work(
+    few_digits: Path, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A sparse memory-mapped file on a full disk would end the process with SIGBUS mid-run;
+    # the blocks are reserved first, so a full disk is a message. posix_fallocate is the
+    # call a full disk fails; ENOSPC is what it then returns.
+    import errno
+    import os
+
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate on this platform")
+    reserved: list[int] = []
+
+    def full_disk(fd: int, offset: int, length: int) -> None:
+        reserved.append(length)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full_disk)
+    out = tmp_path / "v.npy"
+    with pytest.raises(ConfigError, match="No space left on device.*MiB"):
+        embed_folder(few_digits, model_dir, out, options=EmbedOptions(num_workers=0))
+    assert reserved and reserved[0] >= 60 * 512 * 4  # the whole array, asked for up front
+    assert not any(tmp_path.glob(".v.npy*")) and not out.exists()

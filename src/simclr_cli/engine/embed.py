@@ -8,8 +8,10 @@ the model, the feature kind and the counts.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -241,10 +243,19 @@ def _write_rows(
     progress_path = out_path.with_name(f".{out_path.name}.progress.json")
     total = len(data.paths)
     start_file, rows_done = _resumable_position(tmp, progress_path, identity, data, reporter)
-    if start_file == 0:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, dim))
-    else:
-        array = np.lib.format.open_memmap(tmp, mode="r+")
+    try:
+        if start_file == 0:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, dim))
+        else:
+            array = np.lib.format.open_memmap(tmp, mode="r+")
+        _reserve_disk_space(tmp)
+    except OSError as error:
+        if start_file == 0:
+            tmp.unlink(missing_ok=True)
+        raise ConfigError(
+            f"cannot write {out_path}: {os_error_reason(error)} (the rows need "
+            f"{total * dim * 4 / 2**20:.0f} MiB); free some space or choose another -o"
+        ) from None
     skipped_before = set(data.skip_log.skipped)
     file_indices = [i for i in range(start_file) if str(data.paths[i]) not in skipped_before]
     if len(file_indices) != rows_done:
@@ -296,7 +307,18 @@ def _write_rows(
     if count < total:
         # Skipped files left unused rows at the end; copy the used ones into an exact-size file.
         exact = out_path.with_name(f".{out_path.name}.exact.npy")
-        final = np.lib.format.open_memmap(exact, mode="w+", dtype=np.float32, shape=(count, dim))
+        try:
+            final = np.lib.format.open_memmap(
+                exact, mode="w+", dtype=np.float32, shape=(count, dim)
+            )
+            _reserve_disk_space(exact)
+        except OSError as error:
+            exact.unlink(missing_ok=True)
+            save_progress(files_done)
+            raise ConfigError(
+                f"cannot write {out_path}: {os_error_reason(error)}; the rows so far are kept, "
+                "free some space and run the same command again"
+            ) from None
         for begin in range(0, count, 65536):
             stop = min(begin + 65536, count)
             final[begin:stop] = array[begin:stop]
@@ -310,6 +332,28 @@ def _write_rows(
     tmp.replace(out_path)
     progress_path.unlink(missing_ok=True)
     return file_indices, dim
+
+
+def _reserve_disk_space(path: Path) -> None:
+    """Give the memory-mapped array file its disk blocks now, not page by page later.
+
+    numpy creates the file sparse. On a disk that fills up later, a write through the map
+    has no way to report ENOSPC and the kernel kills the process with SIGBUS; reserving
+    the whole size up front turns that into an error before any work. Where the call is
+    missing (macOS, Windows) or the filesystem cannot reserve, the file stays sparse and
+    that risk remains.
+    """
+    allocate = getattr(os, "posix_fallocate", None)
+    if allocate is None:
+        return
+    with path.open("r+b") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        try:
+            allocate(handle.fileno(), 0, size)
+        except OSError as error:
+            if error.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return
+            raise
 
 
 def _resumable_position(
