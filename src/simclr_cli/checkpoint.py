@@ -175,19 +175,41 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             warnings.simplefilter("ignore", UserWarning)
             state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for damaged or hostile files
-        text = str(error).strip()
-        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
-            # torch's own text suggests weights_only=False; that would run the file's code.
-            raise CheckpointError(
-                f"{path}: refused: loading it would run code from the file; simclr checkpoints "
-                "hold only tensors and plain values"
-            ) from None
-        first_line = text.splitlines()[0] if text else type(error).__name__
-        raise CheckpointError(f"{path}: cannot be loaded safely ({first_line})") from None
+        raise torch_load_error(
+            path, error, what="simclr checkpoints hold only tensors and plain values"
+        ) from None
     version = state.get("format_version") if isinstance(state, dict) else None
     if version != CHECKPOINT_FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported checkpoint format {version!r}")
     return state
+
+
+def torch_load_error(path: Path, error: Exception, *, what: str) -> CheckpointError:
+    """A one-line reason for a failed `torch.load(weights_only=True)`.
+
+    torch words every failure as "Weights only load failed" and advises weights_only=False,
+    which would run the file's code. Only a pickled global (a function or class to call) is
+    code; anything else is a file the safe reader cannot read (text, another format, or a
+    pickle written with opcodes it does not know).
+    """
+    text = str(error).strip()
+    if "Unsupported global" in text or "GLOBAL " in text:
+        return CheckpointError(f"{path}: refused: loading it would run code from the file; {what}")
+    detail = next(
+        (
+            line.strip()
+            for line in text.splitlines()
+            if line.strip()
+            and not line.lstrip().startswith(("Weights only", "Please file", "("))
+            and "weights_only" not in line
+        ),
+        type(error).__name__,
+    )
+    # Not necessarily harmless: torch's safe reader also stops at pickle opcodes it does not
+    # know (protocol 5 frames, say) before it reaches any code, so say no more than this.
+    return CheckpointError(
+        f"{path}: cannot be read safely as a torch checkpoint ({detail}); {what}"
+    )
 
 
 def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -131,3 +131,19 @@ def test_resume_with_out_is_refused(tmp_path: Path) -> None:
     # --resume continues a run where it is; a second folder would be silently ignored.
     result = runner.invoke(app, ["pretrain", "--resume", str(tmp_path), "-o", str(tmp_path / "x")])
     assert result.exit_code == 1 and "drop -o" in result.stderr
+
+
+def test_a_file_in_the_way_of_the_output_stops_commands_before_any_work(
+    few_digits: Path, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    result = runner.invoke(app, ["pretrain", str(few_digits), "-o", str(blocker), "--epochs", "1"])
+    assert result.exit_code == 1
+    assert "is a file; -o/--out needs a folder there" in result.output
+    assert "decoding" not in result.output and "Traceback" not in result.output
+    # An index that does not exist would be the next error; the output is checked first.
+    result = runner.invoke(
+        app, ["duplicates", "--index", str(tmp_path / "none.npy"), "-o", f"{blocker}/d.csv"]
+    )
+    assert result.exit_code == 1 and f"{blocker} is a file, not a folder" in result.output

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from simclr_cli.config import AugmentConfig, RunConfig, TrainConfig
-from simclr_cli.data.images import scan_images
+from simclr_cli.data.images import decode_image, scan_images
 from simclr_cli.engine.finetune import resume_finetune_config
 from simclr_cli.engine.pretrain import pretrain, resume_config
-from simclr_cli.errors import CheckpointError, ConfigError
+from simclr_cli.errors import CheckpointError, ConfigError, ImageDecodeError
 
 
 def test_a_link_to_itself_is_skipped_alone_not_its_folder(few_digits: Path, tmp_path: Path) -> None:
@@ -19,7 +19,16 @@ def test_a_link_to_itself_is_skipped_alone_not_its_folder(few_digits: Path, tmp_
     shutil.copytree(few_digits, folder)
     os.symlink("loop.png", folder / "3" / "loop.png")  # ELOOP when followed
     os.symlink("gone.png", folder / "3" / "dangling.png")
-    assert len(scan_images(folder)) == 60
+    os.symlink("loopB", folder / "3" / "loopA")  # not image names: ignored without a word
+    os.symlink("loopA", folder / "3" / "loopB")
+    paths = scan_images(folder)
+    assert len(paths) == 62  # both broken image links are listed, so they are counted
+    reasons = {}
+    for name in ("loop.png", "dangling.png"):
+        with pytest.raises(ImageDecodeError) as caught:
+            decode_image(folder / "3" / name)
+        reasons[name] = caught.value.reason
+    assert "loops" in reasons["loop.png"] and "target is gone" in reasons["dangling.png"]
 
 
 def test_damaged_run_configs_are_one_line_errors(tmp_path: Path) -> None:

@@ -281,6 +281,16 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def test_a_text_file_given_as_weights_is_not_called_code(tmp_path: Path) -> None:
+    # torch words every weights_only failure alike; only a pickled global is code.
+    (tmp_path / "notes.pt").write_text("x\n")
+    with pytest.raises(
+        CheckpointError, match="cannot be read safely as a torch checkpoint"
+    ) as caught:
+        load_model(tmp_path / "notes.pt")
+    assert "run code" not in str(caught.value) and "weights_only" not in str(caught.value)
+
+
 def test_official_v1_checkpoint_embeds_with_unit_range_inputs(
     tmp_path: Path, hub_cache: Any
 ) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from simclr_cli.errors import SimclrError
+from simclr_cli.errors import ConfigError, SimclrError
 
 DeviceOption = Annotated[
     str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
@@ -96,3 +97,19 @@ def absolute_if_local(model: str | None) -> str | None:
         return None
     local = Path(model)
     return str(local.absolute()) if local.exists() else model
+
+
+def check_output(path: Path, *, folder: bool) -> None:
+    """Fail before any work when a file stands where the output (or a folder above it) goes.
+
+    The commands write only at the end of their work; without this a typo in -o would cost
+    the whole run. Other write failures (permissions, a full disk) are still reported where
+    they happen.
+    """
+    if folder and path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is a file; -o/--out needs a folder there")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"cannot write {path}: {parent} is a file, not a folder")
+            return

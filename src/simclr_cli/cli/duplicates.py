@@ -7,7 +7,13 @@ from typing import Annotated
 
 import typer
 
-from simclr_cli.cli._common import DeviceOption, QuietOption, VerboseOption, user_errors
+from simclr_cli.cli._common import (
+    DeviceOption,
+    QuietOption,
+    VerboseOption,
+    check_output,
+    user_errors,
+)
 from simclr_cli.cli.neighbors import IndexOption, SearchOption
 
 
@@ -20,9 +26,10 @@ def duplicates_command(
             "-t",
             min=-1.0,
             max=1.0,
-            help="Cosine similarity at or above which two images are linked (default 0.97, "
-            "no false group on real photos with a briefly trained model; docs/neighbors.md). It "
-            "depends on the model: check the sheet, lower it to catch more, raise it for fewer.",
+            help="Cosine similarity at or above which two images are linked (default 0.97). It "
+            "depends on the model: random or barely trained encoders put unrelated photos in "
+            "one group at 0.97 and need 0.99 or more (docs/neighbors.md). Check the sheet; "
+            "lower it to catch more copies, raise it for fewer false groups.",
             show_default=False,
         ),
     ] = None,
@@ -53,6 +60,7 @@ def duplicates_command(
     setup_logging(verbose=verbose, quiet=quiet)
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
     with user_errors():
+        check_output(out, folder=False)
         embeddings = load_embeddings(index)
         groups = find_duplicates(
             embeddings,

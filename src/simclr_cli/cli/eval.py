@@ -17,6 +17,7 @@ from simclr_cli.cli._common import (
     StrictOption,
     VerboseOption,
     WorkersOption,
+    check_output,
     user_errors,
 )
 
@@ -104,6 +105,7 @@ def eval_command(
     # Re-running eval replaces the previous numbers; say so rather than overwrite silently.
     replaced = (out_dir / "eval.json").is_file()
     with user_errors():
+        check_output(out_dir, folder=True)
         result = evaluate(
             model,
             train_dir,

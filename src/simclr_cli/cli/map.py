@@ -21,7 +21,7 @@ def map_command(
         str,
         typer.Option(
             "--layout",
-            help="pca, umap (needs the [umap] extra) or auto (umap when installed).",
+            help="pca, umap (needs the \\[umap] extra) or auto (umap when installed).",
         ),
     ] = "auto",
     max_thumbnails: Annotated[

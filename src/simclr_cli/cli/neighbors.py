@@ -22,7 +22,7 @@ SearchOption = Annotated[
     str,
     typer.Option(
         "--search",
-        help="exact, approx (faiss HNSW, needs the [ann] extra) or auto (approx only when "
+        help="exact, approx (faiss HNSW, needs the \\[ann] extra) or auto (approx only when "
         "installed and the search is large).",
     ),
 ]

@@ -16,6 +16,7 @@ from simclr_cli.cli._common import (
     StrictOption,
     VerboseOption,
     WorkersOption,
+    check_output,
     user_errors,
 )
 
@@ -61,6 +62,7 @@ def predict_command(
         max_pixels=max_pixels,
     )
     with user_errors():
+        check_output(out, folder=False)
         result = predict_folder(
             data, model, out, options=options, reporter=make_reporter(quiet=quiet)
         )

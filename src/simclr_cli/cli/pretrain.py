@@ -27,6 +27,7 @@ from simclr_cli.cli._common import (
     VerboseOption,
     WorkersOption,
     absolute_if_local,
+    check_output,
     given,
     user_errors,
 )
@@ -285,6 +286,7 @@ def pretrain_command(
                 resume, data=data, changed={**augment, **model, **optim}, **train
             )
         else:
+            check_output(Path(out or _default_out(data)), folder=True)
             config = build_run_config(
                 augment=augment,
                 model=model,

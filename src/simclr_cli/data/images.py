@@ -7,6 +7,7 @@ into the fixed square canvas the batch loader stacks.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import logging
 import math
@@ -130,9 +131,8 @@ def _list_folder(folder: str, real_folder: str) -> tuple[list[str], list[tuple[s
                     continue
                 try:
                     is_dir, is_file = entry.is_dir(), entry.is_file()
-                except OSError as exc:  # a link to itself (ELOOP), say: skip it, not the folder
-                    logger.warning("skipping %s: %s", entry.path, exc.strerror or exc)
-                    continue
+                except OSError:  # a link to itself (ELOOP), say: this entry, not the folder
+                    is_dir = is_file = False
                 if is_dir:
                     subfolders.append(entry.name)
                 elif is_file and _has_image_extension(entry.name):
@@ -144,10 +144,10 @@ def _list_folder(folder: str, real_folder: str) -> tuple[list[str], list[tuple[s
                         else os.path.join(real_folder, entry.name)
                     )
                     files.append((entry.name, real))
-                elif entry.is_symlink() and _has_image_extension(entry.name):
-                    logger.warning(
-                        "skipping %s: a link to nothing (its target is gone)", entry.path
-                    )
+                elif _has_image_extension(entry.name) and entry.is_symlink():
+                    # A link that loops or whose target is gone: listed like any image, so
+                    # decoding names it, counts it as a skip, and --strict stops on it.
+                    files.append((entry.name, os.path.join(real_folder, entry.name)))
     except OSError as exc:
         logger.warning("skipping folder %s: %s", folder, exc.strerror or exc)
         return None
@@ -331,7 +331,9 @@ def _describe_failure(path: str | Path, exc: Exception, max_pixels: int | None =
     if isinstance(exc, PermissionError):
         return "permission denied"
     if isinstance(exc, FileNotFoundError):
-        return "no such file"
+        return "a link to nothing (its target is gone)" if os.path.islink(path) else "no such file"
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        return "a symbolic link that loops (it points back at itself)"
     if isinstance(exc, IsADirectoryError):
         return "is a folder, not an image file"
     if isinstance(exc, (OSError, SyntaxError, EOFError)):

@@ -133,7 +133,7 @@ def write_preview(
     area = float(width * height)
     tiles = views.permute(0, 2, 3, 1).clamp(0, 1).numpy()  # (2n, S, S, 3)
     columns = pairs + 1
-    figure, axes = plt.subplots(2, columns, figsize=(2.2 * columns, 5.6), squeeze=False)
+    figure, axes = plt.subplots(2, columns, figsize=(2.2 * columns, 6.2), squeeze=False)
     for axis in axes.flat:
         axis.set_xticks([])
         axis.set_yticks([])
@@ -170,7 +170,7 @@ def write_preview(
         f"{augment.image_size} px\nas pretraining draws them; a column is two views",
         fontsize=9,
     )
-    figure.tight_layout()
+    figure.tight_layout(h_pad=2.5)  # room for the three caption lines under the top row
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(out_path, dpi=110)

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from simclr_cli.checkpoint import clean_state_dict
+from simclr_cli.checkpoint import clean_state_dict, torch_load_error
 from simclr_cli.config import IMAGENET_MEAN, IMAGENET_STD
 from simclr_cli.errors import CheckpointError
 from simclr_cli.models.backbone import Backbone, feature_dim
@@ -84,14 +84,9 @@ def read_weights_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types; none may reach the user raw
-        text = str(error).strip()
-        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
-            raise CheckpointError(
-                f"{path}: refused: loading it would run code from the file (it pickles more "
-                "than tensors); only plain tensor checkpoints or safetensors are accepted"
-            ) from None
-        first = text.splitlines()[0] if text else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
+        raise torch_load_error(
+            path, error, what="only plain tensor checkpoints or safetensors are accepted"
+        ) from None
 
 
 def convert_state(raw: Any, *, source: str) -> ForeignModel:
