@@ -415,7 +415,7 @@ def _write_meta(
         "array": out_path.name,
         "manifest": out_path.with_suffix(".manifest.csv").name,
         "model": _describe_model(model_path),
-        "data_dir": str(data_dir.absolute()),
+        "data_dir": os.path.abspath(data_dir),
         "output": "projection" if options.projection else "features",
         "l2_normalized": options.l2_normalize,
         "rows": rows,
@@ -428,4 +428,4 @@ def _write_meta(
 def _describe_model(model_path: Path | str) -> str:
     """An absolute path for local models; the reference as given for Hub repositories."""
     local = Path(model_path).expanduser()
-    return str(local.absolute()) if local.exists() else str(model_path)
+    return os.path.abspath(local) if local.exists() else str(model_path)

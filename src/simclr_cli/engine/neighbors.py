@@ -6,6 +6,7 @@ results); any other image is embedded on the fly with the model that made the in
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ def expand_queries(
                 raise DataError(f"{query}: no images in this query folder")
             files.extend(found)
         elif query.is_file():
-            files.append(query.absolute())
+            files.append(Path(os.path.abspath(query)))
         else:
             raise DataError(f"{query}: no such image file or folder")
     return files, any_folder
