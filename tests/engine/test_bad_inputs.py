@@ -1,6 +1,7 @@
 """Inputs a newcomer tried that once gave a traceback or a silent loss."""
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -10,7 +11,8 @@ import pytest
 from simclr_cli.config import AugmentConfig, RunConfig, TrainConfig
 from simclr_cli.data.images import decode_image, scan_images
 from simclr_cli.engine.finetune import resume_finetune_config
-from simclr_cli.engine.pretrain import pretrain, resume_config
+from simclr_cli.engine.pretrain import _warn_if_at_chance, pretrain, resume_config
+from simclr_cli.engine.progress import NullReporter
 from simclr_cli.errors import CheckpointError, ConfigError, ImageDecodeError
 
 
@@ -70,3 +72,30 @@ def test_manifest_paths_are_normalised(few_digits: Path, tmp_path: Path) -> None
     shutil.copytree(few_digits, tmp_path / few_digits.name)
     paths = scan_images(roundabout)
     assert paths and all(".." not in path.parts for path in paths)
+
+
+class _Messages(NullReporter):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def test_a_run_that_ends_at_chance_level_says_so(few_digits: Path, tmp_path: Path) -> None:
+    # One step of LARS warm-up cannot move the loss off log(2B - 1); the user is told, with
+    # settings that do learn in short runs.
+    config = RunConfig(
+        augment=AugmentConfig(image_size=16, flip_prob=0.0),
+        train=TrainConfig(data_dir=str(few_digits), out_dir=str(tmp_path / "run"), epochs=1,
+                          global_batch_size=32, num_workers=0),
+    )  # fmt: skip
+    reporter = _Messages()
+    result = pretrain(config, reporter=reporter)
+    chance = math.log(2 * 32 - 1)
+    assert result.final_loss > 0.99 * chance
+    assert any("at chance level" in line and "--optimizer adamw" in line for line in reporter.lines)
+    # A loss clearly below chance (here, the demo's typical end) draws no warning.
+    quiet = _Messages()
+    _warn_if_at_chance(2.4, 128, quiet)
+    assert quiet.lines == []

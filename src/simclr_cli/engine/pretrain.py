@@ -242,6 +242,7 @@ def _pretrain(
     if context.is_main:
         plot_loss_curve(metrics.read(), run_dir / "loss.png")
     if not loop.interrupted and context.is_main:
+        _warn_if_at_chance(loop.epoch_mean_loss, config.train.global_batch_size, reporter)
         training = {
             "epochs": config.train.epochs,
             "steps": loop.step,
@@ -294,6 +295,23 @@ def _fit_batch_to_data(
         f"{resolved_lr(fitted.optim, num_images):.4g}, scaled from that batch)"
     )
     return fitted
+
+
+def _warn_if_at_chance(mean_loss: float, batch: int, reporter: Reporter) -> None:
+    """Say so when the run ended where it started: NT-Xent of unrelated embeddings.
+
+    With 2B views, each anchor picks its positive among 2B - 1 candidates, so an encoder
+    that has learned nothing scores log(2B - 1). Short runs with the paper's LARS settings on
+    small batches often end there, and the features are then no better than random ones.
+    """
+    chance = math.log(2 * batch - 1)
+    if math.isfinite(mean_loss) and mean_loss > 0.99 * chance:
+        reporter.message(
+            f"warning: the last epoch's mean loss {mean_loss:.3f} is at chance level "
+            f"(log(2 x {batch} - 1) = {chance:.3f}): the encoder has barely learned. Train "
+            "longer, or for short runs try --optimizer adamw --lr 1e-3 --lr-scaling none "
+            "--temperature 0.2 (what simclr demo uses; docs/pretrain.md)"
+        )
 
 
 def _prepare_run_dir(config: RunConfig, *, resume: bool) -> Path:
