@@ -43,6 +43,13 @@ def interactive() -> bool:
     return sys.stdout.isatty() and sys.stderr.isatty()
 
 
+class _PlainFormatter(logging.Formatter):
+    """`warning: ...`, in the same case as the engine's own warning lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {super().format(record)}"
+
+
 def setup_logging(*, verbose: bool = False, quiet: bool = False) -> None:
     """Install one handler on the package logger; --verbose shows debug, --quiet errors only."""
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
@@ -58,7 +65,7 @@ def setup_logging(*, verbose: bool = False, quiet: bool = False) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        handler.setFormatter(_PlainFormatter())
     package_logger.addHandler(handler)
 
 

@@ -400,8 +400,9 @@ def _prepare_data(
         max_pixels=train.max_pixels,
     )
     if data.canvas_bytes() <= train.cache_limit_gb * 2**30:
-        size_mib = data.canvas_bytes() / 2**20
-        reporter.message(f"decoding {len(paths)} images into memory ({size_mib:.0f} MiB)")
+        size = data.canvas_bytes()
+        shown = f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{max(1, size // 2**10)} KiB"
+        reporter.message(f"decoding {len(paths)} images into memory ({shown})")
         data.cache()
     elif _first_readable(data) is None:
         raise DataError(f"{train.data_dir}: none of the {len(paths)} image files could be read")
