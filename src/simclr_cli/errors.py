@@ -59,5 +59,6 @@ def os_error_reason(error: OSError) -> str:
     as "Not a directory"; both read better as what they mean.
     """
     if isinstance(error, (FileExistsError, NotADirectoryError)):
-        return f"part of the path {error.filename or ''} is a file, not a folder".replace("  ", " ")
+        where = f" {error.filename}" if error.filename else ""
+        return f"part of the path{where} is a file, not a folder"
     return error.strerror or str(error) or type(error).__name__

@@ -57,6 +57,7 @@ def embed_command(
     """Embed every image in a folder; rows follow the manifest, in the folder's sorted order."""
     from simclr_cli.console import error_console, make_reporter, output_console, setup_logging
     from simclr_cli.engine.embed import EmbedOptions, embed_folder
+    from simclr_cli.engine.interrupts import interrupt_on_signal
 
     setup_logging(verbose=verbose, quiet=quiet)
     options = EmbedOptions(
@@ -69,12 +70,12 @@ def embed_command(
         strict=strict,
         max_pixels=max_pixels,
     )
-    _sigterm_as_interrupt()
     with user_errors():
         try:
-            result = embed_folder(
-                data, model, out, options=options, reporter=make_reporter(quiet=quiet)
-            )
+            with interrupt_on_signal():
+                result = embed_folder(
+                    data, model, out, options=options, reporter=make_reporter(quiet=quiet)
+                )
         except KeyboardInterrupt:
             error_console().print(
                 "interrupted: the rows done so far are kept; run the same command again to "
@@ -88,20 +89,3 @@ def embed_command(
         f"rows map to files in {result.manifest_path}",
         highlight=False,
     )
-
-
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM (a scheduler or `kill`) and Ctrl-C both keep the rows done so far."""
-    import signal
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        signal.signal(signal.SIGTERM, interrupt)
-        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-            # Started in the background by a shell, Ctrl-C is ignored; pretrain still stops
-            # on it, and so should this.
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-    except ValueError:  # not the main thread (embedding from Python): leave signals alone
-        pass

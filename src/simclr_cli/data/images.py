@@ -135,7 +135,9 @@ def _list_folder(folder: str, real_folder: str) -> tuple[list[str], list[tuple[s
                     is_dir = is_file = False
                 if is_dir:
                     subfolders.append(entry.name)
-                elif is_file and _has_image_extension(entry.name):
+                elif _has_image_extension(entry.name) and (is_file or entry.is_symlink()):
+                    # A link that loops or whose target is gone is listed like any image, so
+                    # decoding names it, counts it as a skip, and --strict stops on it.
                     # Resolving every file would cost syscalls per path component; only a
                     # link can point outside the folder's own resolved location.
                     real = (
@@ -144,10 +146,6 @@ def _list_folder(folder: str, real_folder: str) -> tuple[list[str], list[tuple[s
                         else os.path.join(real_folder, entry.name)
                     )
                     files.append((entry.name, real))
-                elif _has_image_extension(entry.name) and entry.is_symlink():
-                    # A link that loops or whose target is gone: listed like any image, so
-                    # decoding names it, counts it as a skip, and --strict stops on it.
-                    files.append((entry.name, os.path.join(real_folder, entry.name)))
     except OSError as exc:
         logger.warning("skipping folder %s: %s", folder, exc.strerror or exc)
         return None
