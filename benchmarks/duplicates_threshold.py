@@ -72,11 +72,19 @@ def centred_rows(
 
 
 def measure(
-    photos: Path, model: Path, work: Path, thresholds: list[float], centred: list[float]
+    photos: Path,
+    model: Path,
+    work: Path,
+    thresholds: list[float],
+    centred: list[float],
+    *,
+    projection: bool = False,
 ) -> list[str]:
     """Markdown table rows for this model, one per threshold."""
-    out = work / f"{model.name}.npy"
-    embed_folder(photos, model, out, options=EmbedOptions(num_workers=0, device="cpu"))
+    name = f"{model.name}, projection" if projection else model.name
+    out = work / f"{model.name}{'-z' if projection else ''}.npy"
+    options = EmbedOptions(num_workers=0, device="cpu", projection=projection)
+    embed_folder(photos, model, out, options=options)
     embeddings = load_embeddings(out)
     unit = np.asarray(embeddings.vectors, dtype=np.float64)
     unit /= np.linalg.norm(unit, axis=1, keepdims=True)
@@ -104,16 +112,14 @@ def measure(
         mixed = [g for g in groups if len({families[r] for r in g.rows}) > 1]
         photos_in_mixed = sum(len({families[r] for r in g.rows}) for g in mixed)
         rows.append(
-            f"| {model.name} | {copy_low:.4f} | {different[a, b]:.4f} ({families[a]} / "
+            f"| {name} | {copy_low:.4f} | {different[a, b]:.4f} ({families[a]} / "
             f"{families[b]}) | {threshold} | {found}/{len(copies)} | {len(groups)} "
             f"| {len(mixed)} ({photos_in_mixed} photos) |"
         )
     if centred:
         shifted = unit - unit.mean(axis=0)
         shifted /= np.linalg.norm(shifted, axis=1, keepdims=True)
-        rows += centred_rows(
-            f"{model.name}, centred", shifted @ shifted.T, families, copies, centred
-        )
+        rows += centred_rows(f"{name}, centred", shifted @ shifted.T, families, copies, centred)
     return rows
 
 
@@ -125,6 +131,11 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, action="append", help="repeatable")
     parser.add_argument(
         "--centred", type=float, action="append", default=[], help="threshold on centred cosine"
+    )
+    parser.add_argument(
+        "--projection",
+        action="store_true",
+        help="embed with the projection head (embed --projection) instead of encoder features",
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/duplicates-benchmark"))
     args = parser.parse_args()
@@ -138,7 +149,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for model in args.model:
         thresholds = args.threshold or [DEFAULT_THRESHOLD]
-        for row in measure(args.photos, model, args.work, thresholds, args.centred):
+        for row in measure(
+            args.photos, model, args.work, thresholds, args.centred, projection=args.projection
+        ):
             print(row, flush=True)
 
 

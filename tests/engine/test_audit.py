@@ -476,3 +476,37 @@ def test_finetune_stops_at_a_non_finite_loss_keeping_a_finite_checkpoint(
     assert state["step"] == 3 and state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (run / "model.safetensors").exists()
+
+
+def test_a_streamed_batch_of_only_unreadable_files_still_counts_for_resume(
+    few_digits: Path, tmp_path: Path
+) -> None:
+    # The loader used to drop a batch whose files all failed, so the run's position in the
+    # epoch fell one batch behind and a resume replayed a batch the straight run never saw.
+    from dataclasses import replace
+
+    from test_pretrain import InterruptAt, step_records
+
+    from simclr_cli.engine.pretrain import _epoch_order, pretrain, resume_config
+
+    config = _streaming_config(tmp_path / "data", tmp_path / "straight")
+    config = replace(config, train=replace(config.train, global_batch_size=8, epochs=2))
+    order = _epoch_order(config.train, 0, num_images=32, steps_per_epoch=4)
+    junk = set(order[8:16])  # every file of the epoch's second batch
+    digits = sorted(few_digits.rglob("*.png"))
+    (tmp_path / "data").mkdir()
+    for index in range(32):  # names sort in index order, as the scan lists them
+        target = tmp_path / "data" / f"{index:02d}.png"
+        if index in junk:
+            target.write_text("not an image\n")
+        else:
+            shutil.copy(digits[index], target)
+
+    straight = pretrain(config)
+    split_config = replace(config, train=replace(config.train, out_dir=str(tmp_path / "split")))
+    first = pretrain(split_config, reporter=InterruptAt(step=2))  # right after the junk batch
+    assert first.interrupted
+    resumed = pretrain(resume_config(first.run_dir), resume=True)
+    expected, got = step_records(straight.run_dir), step_records(resumed.run_dir)
+    assert len(expected) >= 5  # epoch 1: 3 of 4 batches trained
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=1e-4)

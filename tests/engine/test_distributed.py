@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,23 @@ def test_resume_refuses_to_change_batchnorm_handling(few_digits: Path, tmp_path:
     with pytest.raises(ConfigError, match="chunk_size"):
         resume_config(run, chunk_size=4)
     assert resume_config(run, dist_backend="gloo").train.dist_backend == "gloo"
+
+
+def test_a_share_left_with_one_streamed_image_is_passed_over_by_every_process(
+    few_digits: Path, tmp_path: Path
+) -> None:
+    # Streamed, so unreadable files surface mid-epoch in one process only; before, that
+    # process's batches fell out of step with the other's and the run crashed.
+    data = tmp_path / "data"
+    data.mkdir()
+    for number, path in enumerate(sorted(few_digits.rglob("*.png"))[:10]):
+        (data / f"digit{number}.png").write_bytes(path.read_bytes())
+    for number in range(3):
+        (data / f"broken{number}.png").write_bytes(b"")
+    config = _config(data, tmp_path / "run", epochs=2)
+    config = replace(config, train=replace(config.train, global_batch_size=6, cache_limit_gb=0.0))
+    _spawn_pretrain(config, resume=False)
+    steps = _losses(tmp_path / "run")
+    assert 1 <= len(steps) < 4  # 2 batches of 6 per epoch; at least one passed over
+    assert all(math.isfinite(loss) for loss in steps)
+    assert (tmp_path / "run" / "model.safetensors").is_file()

@@ -1,14 +1,17 @@
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from conftest import TEST_PHOTOS, family, photo, write_copy
 from simclr_cli.engine.embeddings import embed_images, load_embeddings
 from simclr_cli.engine.neighbors import expand_queries, find_neighbors, write_neighbor_sheets
-from simclr_cli.errors import ConfigError, DataError
+from simclr_cli.errors import CheckpointError, ConfigError, DataError
 
 
 def test_each_photos_nearest_three_are_its_own_copies(photo_index: Path) -> None:
@@ -79,3 +82,48 @@ def test_bad_queries_are_clear_errors(photo_index: Path, tmp_path: Path) -> None
     broken.write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match="broken.jpg"):
         find_neighbors(embeddings, [broken], device="cpu")
+
+
+def _index_copy(photo_index: Path, folder: Path, model: str) -> Path:
+    """The photo index's three files in `folder`, its vecs.json naming `model`."""
+    folder.mkdir()
+    for suffix in (".npy", ".manifest.csv", ".json"):
+        shutil.copy(photo_index.with_suffix(suffix), folder / f"vecs{suffix}")
+    meta_path = folder / "vecs.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model"] = model
+    meta_path.write_text(json.dumps(meta))
+    return folder / "vecs.npy"
+
+
+def test_a_model_other_than_the_one_that_made_the_index_is_refused(
+    photo_index: Path, encoder_dir: Path, tmp_path: Path
+) -> None:
+    # vecs.json edited (or the model retrained in place) to name other weights: the queries
+    # would land in another vector space, so embedding them is refused.
+    other = tmp_path / "other"
+    shutil.copytree(encoder_dir, other)
+    weights = load_file(other / "model.safetensors")
+    name = next(k for k in sorted(weights) if k.endswith("conv1.weight"))
+    weights[name] = weights[name] * 1.01
+    save_file(weights, other / "model.safetensors")
+    index = _index_copy(photo_index, tmp_path / "edited", str(other))
+    query = [load_embeddings(photo_index).paths[0]]
+    with pytest.raises(CheckpointError, match="does not hold the weights that made this index"):
+        embed_images(load_embeddings(index), query, device="cpu")
+    same = _index_copy(
+        photo_index, tmp_path / "moved", str(shutil.copytree(encoder_dir, tmp_path / "m"))
+    )
+    assert embed_images(load_embeddings(same), query, device="cpu").shape[0] == 1
+
+
+def test_an_index_made_with_a_hub_model_embeds_queries_from_the_cache(
+    photo_index: Path, encoder_dir: Path, tmp_path: Path, hub_cache: Any
+) -> None:
+    # embed records a Hub model as the repository id, which is not a local path.
+    files = {p.name: p.read_bytes() for p in encoder_dir.iterdir() if p.is_file()}
+    hub_cache.add("someone/photo-encoder", files, ref="main")
+    index = _index_copy(photo_index, tmp_path / "hub", "someone/photo-encoder")
+    embeddings = load_embeddings(index)
+    vector = embed_images(embeddings, [embeddings.paths[0]], device="cpu")[0].numpy()
+    assert np.allclose(vector, embeddings.vectors[0], atol=1e-4)

@@ -181,8 +181,14 @@ class ImageBatches:
             return self._cache.indices
         return torch.arange(len(self.paths))
 
-    def iterate(self, order: Sequence[int], *, batch_size: int) -> Iterator[CanvasBatch]:
-        """Batches of the images at positions `order` of `readable_indices`, in that order."""
+    def iterate(
+        self, order: Sequence[int], *, batch_size: int, keep_empty: bool = False
+    ) -> Iterator[CanvasBatch]:
+        """Batches of the images at positions `order` of `readable_indices`, in that order.
+
+        A batch whose files all fail to decode is left out, unless `keep_empty`: then every
+        `batch_size` positions give exactly one batch, so a training loop can count them.
+        """
         if self._cache is not None:
             cache = self._cache
             for start in range(0, len(order), batch_size):
@@ -190,9 +196,12 @@ class ImageBatches:
                 yield CanvasBatch(cache.indices[rows], cache.canvases[rows], cache.sizes[rows])
             return
         indices = self.readable_indices
-        yield from self._load([int(indices[i]) for i in order], batch_size=batch_size)
+        files = [int(indices[i]) for i in order]
+        yield from self._load(files, batch_size=batch_size, keep_empty=keep_empty)
 
-    def _load(self, file_indices: list[int], *, batch_size: int) -> Iterator[CanvasBatch]:
+    def _load(
+        self, file_indices: list[int], *, batch_size: int, keep_empty: bool = False
+    ) -> Iterator[CanvasBatch]:
         batches = [
             file_indices[i : i + batch_size] for i in range(0, len(file_indices), batch_size)
         ]
@@ -209,7 +218,7 @@ class ImageBatches:
             for batch, failures in loader:
                 for index, reason in failures:
                     self.skip_log.record(str(self.paths[index]), reason)
-                if len(batch.indices):
+                if len(batch.indices) or keep_empty:
                     yield batch
         except RuntimeError as error:
             if "timed out" in str(error):

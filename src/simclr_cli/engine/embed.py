@@ -29,6 +29,7 @@ from simclr_cli.data.loader import ImageBatches, SkipLog, default_num_workers
 from simclr_cli.device import Precision, autocast, resolve_device, resolve_precision
 from simclr_cli.engine.progress import NullReporter, Reporter
 from simclr_cli.errors import ConfigError, DataError, os_error_reason
+from simclr_cli.models.backbone import folded_for_inference
 from simclr_cli.models.export import LoadedModel, load_model, state_fingerprint
 
 __all__ = ["EmbedOptions", "EmbedResult", "embed_folder", "encode", "iter_encoded"]
@@ -68,7 +69,7 @@ def iter_encoded(
     preprocessing = model.config["preprocessing"]
     mean = torch.tensor(preprocessing["mean"], device=device)[None, :, None, None]
     std = torch.tensor(preprocessing["std"], device=device)[None, :, None, None]
-    backbone = model.backbone.to(device).eval()
+    backbone = folded_for_inference(model.backbone).to(device)
     head = model.projection_head.to(device).eval() if projection and model.projection_head else None
     total = len(data.readable_indices)
     for batch in data.iterate(range(start, total), batch_size=batch_size):
@@ -168,6 +169,7 @@ def embed_folder(
             rows=len(rows_written),
             dim=dim,
             skipped=skip_log.count,
+            weights_sha256=identity["weights_sha256"],
         )
     except OSError as error:
         reason = os_error_reason(error)
@@ -248,7 +250,7 @@ def _write_rows(
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, dim))
         else:
             array = np.lib.format.open_memmap(tmp, mode="r+")
-        _reserve_disk_space(tmp)
+        _reserve_disk_space(tmp, zero_fill_from=array.offset if start_file == 0 else None)
     except OSError as error:
         if start_file == 0:
             tmp.unlink(missing_ok=True)
@@ -311,7 +313,7 @@ def _write_rows(
             final = np.lib.format.open_memmap(
                 exact, mode="w+", dtype=np.float32, shape=(count, dim)
             )
-            _reserve_disk_space(exact)
+            _reserve_disk_space(exact, zero_fill_from=final.offset)
         except OSError as error:
             exact.unlink(missing_ok=True)
             save_progress(files_done)
@@ -334,26 +336,35 @@ def _write_rows(
     return file_indices, dim
 
 
-def _reserve_disk_space(path: Path) -> None:
+def _reserve_disk_space(path: Path, *, zero_fill_from: int | None) -> None:
     """Give the memory-mapped array file its disk blocks now, not page by page later.
 
     numpy creates the file sparse. On a disk that fills up later, a write through the map
     has no way to report ENOSPC and the kernel kills the process with SIGBUS; reserving
-    the whole size up front turns that into an error before any work. Where the call is
-    missing (macOS, Windows) or the filesystem cannot reserve, the file stays sparse and
-    that risk remains.
+    the whole size up front turns that into an error before any work. posix_fallocate does
+    it at once where it exists; elsewhere (macOS, Windows, filesystems that refuse it) a
+    new file's data region is written with zeros instead, which costs one sequential
+    write of the array (about a second per GB). A resumed file was reserved when it was
+    made, so `zero_fill_from` is None for it and nothing is rewritten.
     """
-    allocate = getattr(os, "posix_fallocate", None)
-    if allocate is None:
-        return
     with path.open("r+b") as handle:
         size = os.fstat(handle.fileno()).st_size
-        try:
-            allocate(handle.fileno(), 0, size)
-        except OSError as error:
-            if error.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+        allocate = getattr(os, "posix_fallocate", None)
+        if allocate is not None:
+            try:
+                allocate(handle.fileno(), 0, size)
                 return
-            raise
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+        if zero_fill_from is None:
+            return
+        handle.seek(zero_fill_from)
+        chunk = bytes(16 * 2**20)
+        for start in range(zero_fill_from, size, len(chunk)):
+            handle.write(chunk[: min(len(chunk), size - start)])
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _resumable_position(
@@ -410,11 +421,14 @@ def _write_meta(
     rows: int,
     dim: int,
     skipped: int,
+    weights_sha256: str,
 ) -> None:
     meta = {
         "array": out_path.name,
         "manifest": out_path.with_suffix(".manifest.csv").name,
         "model": _describe_model(model_path),
+        # neighbors checks a model it loads to embed queries against this.
+        "weights_sha256": weights_sha256,
         "data_dir": os.path.abspath(data_dir),
         "output": "projection" if options.projection else "features",
         "l2_normalized": options.l2_normalize,

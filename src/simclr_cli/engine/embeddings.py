@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +23,9 @@ import torch
 from simclr_cli.data.loader import ImageBatches, SkipLog
 from simclr_cli.device import resolve_device, resolve_precision
 from simclr_cli.errors import CheckpointError, ConfigError, DataError
+
+if TYPE_CHECKING:
+    from simclr_cli.models.export import LoadedModel
 
 __all__ = ["Embeddings", "embed_images", "load_embeddings"]
 
@@ -186,12 +189,16 @@ def embed_images(
             f"{embeddings.array_path.with_suffix('.json')} is missing or names no model, so "
             "images outside the index cannot be embedded; query with paths listed in the index"
         )
-    if not Path(model_path).exists():
+    # embed records a local model as an absolute path and a Hub model as the reference given.
+    local = Path(model_path).is_absolute()
+    if local and not Path(model_path).exists():
         raise CheckpointError(
             f"the index was embedded with {model_path}, which no longer exists; images outside "
             "the index need that model"
         )
-    model = load_model(Path(model_path))
+    model = load_model(Path(model_path) if local else str(model_path))
+    projection = embeddings.meta.get("output") == "projection"
+    _check_same_weights(embeddings, model, str(model_path), projection=projection)
     torch_device = resolve_device(device)
     # Strict: a query the user named explicitly must not be dropped silently.
     data = ImageBatches(
@@ -205,7 +212,7 @@ def embed_images(
         data,
         device=torch_device,
         precision=resolve_precision("auto", torch_device),
-        projection=embeddings.meta.get("output") == "projection",
+        projection=projection,
     )
     vectors = torch.cat([rows for rows, _ in batches])  # (Q, D), in the order of `paths`
     if vectors.shape[1] != embeddings.dim:
@@ -214,3 +221,28 @@ def embed_images(
             f"{embeddings.dim}-d ones; run simclr embed again"
         )
     return vectors
+
+
+def _check_same_weights(
+    embeddings: Embeddings, model: LoadedModel, model_path: str, *, projection: bool
+) -> None:
+    """Refuse a model whose weights are not those that made the index.
+
+    vecs.json may name any file (it is the user's own path, or an edited one); whatever is
+    there is loaded only safely (safetensors, or torch.load with weights_only), and then
+    must match the weights embed recorded, or queries would land in another vector space.
+    Indexes written before the record existed are not checked.
+    """
+    from simclr_cli.models.export import state_fingerprint
+
+    recorded = embeddings.meta.get("weights_sha256")
+    if not recorded:
+        return
+    weights = state_fingerprint(model.backbone)
+    if projection and model.projection_head is not None:
+        weights += "+" + state_fingerprint(model.projection_head)
+    if weights != recorded:
+        raise CheckpointError(
+            f"{model_path} does not hold the weights that made this index (changed since "
+            "simclr embed ran, or vecs.json was edited); run simclr embed again"
+        )

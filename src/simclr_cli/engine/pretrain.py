@@ -102,6 +102,9 @@ class PretrainResult:
     seconds: float
 
 
+LOSS_PLOT_SECONDS = 30.0  # least time between two redraws of loss.png during a run
+
+
 @dataclass
 class _Loop:
     """Mutable training state; everything a checkpoint must restore."""
@@ -118,6 +121,7 @@ class _Loop:
     interrupted: bool = False
     epoch_mean_loss: float = math.nan
     stop_requested: bool = False  # several processes: a signal here, not yet agreed by all
+    plotted_at: float = -math.inf  # when loss.png was last drawn (time.monotonic); not saved
 
 
 def resume_config(
@@ -199,6 +203,7 @@ def _pretrain(
     precision = resolve_precision(config.train.precision, device, training=True)
     run_dir = Path(config.train.out_dir)
     paths = _scan(config.train, run_dir)
+    context.on_main(lambda: _check_run_dir_writable(run_dir))
     banner = _banner(config, device=device, precision=precision, run_dir=run_dir)
     reporter.message(banner + _parallel_banner(config.train, context))
     skip_log = SkipLog(strict=config.train.strict)
@@ -333,6 +338,23 @@ def _prepare_run_dir(config: RunConfig, *, resume: bool) -> Path:
             f"cannot write to the run folder {run_dir}: {os_error_reason(error)}"
         ) from None
     return run_dir
+
+
+def _check_run_dir_writable(run_dir: Path) -> None:
+    """Refuse an output folder we could not create or write, before any image is decoded.
+
+    The run folder itself is only made once the data is known to be usable (so a bad data
+    folder leaves nothing behind); this asks the operating system now, without creating
+    anything, whether that will work. access() also answers for read-only mounts.
+    """
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        reason = "read-only file system" if read_only else "permission denied"
+        where = "" if existing == run_dir else f" ({existing} is not writable)"
+        raise ConfigError(f"cannot write to the run folder {run_dir}: {reason}{where}")
 
 
 def _scan(train: TrainConfig, run_dir: Path) -> list[Path]:
@@ -608,17 +630,22 @@ def _train(
             )
             shard = EpochShard(order, train.global_batch_size, context, data.readable_indices)
             for batch in data.iterate(
-                shard.local_order(loop.batch_in_epoch), batch_size=shard.share
+                shard.local_order(loop.batch_in_epoch), batch_size=shard.share, keep_empty=True
             ):
-                if len(batch.indices) < 2 and not context.enabled:
-                    # Streamed folders learn which files are unreadable only now; a batch
-                    # left with one image has no negative, so it is passed over, not trained.
-                    logger.warning(
-                        "passing over a batch left with %d readable image(s) of %d; SimCLR "
-                        "needs two",
-                        len(batch.indices),
-                        shard.share,
-                    )
+                # Streamed folders learn which files are unreadable only now. A batch left
+                # with one image has no negative, and one process's share with fewer than
+                # two would break its batch-norm statistics, so every process passes over
+                # that global batch together (empty batches are kept so all count alike).
+                fewest = min(context.counts(len(batch.indices), device))
+                if fewest < 2:
+                    if context.is_main:
+                        logger.warning(
+                            "passing over a batch left with %d readable image(s) of %d%s; "
+                            "SimCLR needs two",
+                            fewest,
+                            shard.share,
+                            " in one process's share" if context.enabled else "",
+                        )
                     loop.batch_in_epoch += 1
                     continue
                 _step(
@@ -648,7 +675,7 @@ def _train(
                         _save(loop, config, run_dir)
                     last_save = time.monotonic()
             else:
-                if whole_epoch and loop.step == steps_before and not context.enabled:
+                if whole_epoch and loop.step == steps_before:
                     raise DataError(
                         f"{train.data_dir}: no batch of an epoch held two readable images "
                         f"({data.skip_log.count} files could not be read); nothing was trained"
@@ -814,7 +841,11 @@ def _finish_epoch(
     metrics.append({"kind": "epoch", "step": loop.step, "epoch": loop.epoch, "loss": mean_loss})
     if context.is_main:
         _save(loop, config, run_dir)
-        plot_loss_curve(metrics.read(), run_dir / "loss.png")
+        # Drawing takes about half a second; with epochs of a few seconds (small folders)
+        # redrawing every epoch would cost more than the checkpoint. The run's end draws it.
+        if time.monotonic() - loop.plotted_at >= LOSS_PLOT_SECONDS:
+            plot_loss_curve(metrics.read(), run_dir / "loss.png")
+            loop.plotted_at = time.monotonic()
     reporter.message(
         f"epoch {loop.epoch}/{config.train.epochs}: mean loss {mean_loss:.4f}, step {loop.step}, "
         "checkpoint saved"

@@ -12,16 +12,18 @@ not torchvision's `wide_resnet50_2`, which widens only the inner 3x3 convolution
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable
 
 import torch
 import torchvision.models as tv_models
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from simclr_cli.errors import ConfigError
 
-__all__ = ["Backbone", "feature_dim", "parse_arch"]
+__all__ = ["Backbone", "feature_dim", "folded_for_inference", "parse_arch"]
 
 _FEATURE_DIMS = {
     "resnet18": 512,
@@ -76,6 +78,38 @@ class Backbone(nn.Module):
         """Pooled features, (B, feature_dim)."""
         features: torch.Tensor = self.resnet(images)
         return features
+
+
+def folded_for_inference(backbone: Backbone) -> Backbone:
+    """A copy for inference with every batch norm folded into the convolution before it.
+
+    In eval mode a batch norm is a fixed per-channel scale and shift, so it can live in the
+    convolution's weights and bias: the same function (float32 rounding apart: 4e-6 at most
+    on a 96 px ResNet-18's features), one pass over each activation fewer. Measured 309 ->
+    352 images/s for that model on two CPU cores (benchmarks/README.md). The original is left
+    untouched, so it can still be trained or fingerprinted; a norm without running
+    statistics (which normalises by the batch even in eval mode) is kept as it is.
+    """
+    folded = copy.deepcopy(backbone).eval()
+    resnet = folded.resnet
+    pairs: list[tuple[nn.Module, str, str]] = [(resnet, "conv1", "bn1")]
+    for stage in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4):
+        for block in stage:
+            pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(block, f"bn{i}")]
+            if block.downsample is not None:
+                pairs.append((block.downsample, "0", "1"))  # Sequential(conv, norm)
+    for parent, conv_name, norm_name in pairs:
+        conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
+        if not (
+            isinstance(conv, nn.Conv2d)
+            and isinstance(norm, nn.BatchNorm2d)
+            and norm.running_mean is not None
+            and norm.running_var is not None
+        ):
+            continue
+        setattr(parent, conv_name, fuse_conv_bn_eval(conv, norm))
+        setattr(parent, norm_name, nn.Identity())
+    return folded
 
 
 def _widen(resnet: tv_models.ResNet, width: int) -> None:
