@@ -43,12 +43,26 @@ def test_duplicates_and_map_commands_write_their_files(photo_index: Path, tmp_pa
     )
     assert result.exit_code == 0, result.output
     assert "8 groups holding 32 of 32 images at threshold 0.978" in result.stdout
+    assert "largest group" not in result.output
     assert (tmp_path / "d.csv").is_file() and (tmp_path / "d.png").is_file()
     result = runner.invoke(
         app, ["map", "--index", str(photo_index), "-o", str(tmp_path / "m.png"), "--layout", "pca"]
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "m.png").is_file() and (tmp_path / "m.html").is_file()
+
+
+def test_duplicates_warns_when_one_group_swallows_much_of_the_folder(
+    photo_index: Path, tmp_path: Path
+) -> None:
+    # At 0.9 the random encoder links different photos: most of the 32 images in one group.
+    out = tmp_path / "d.csv"
+    result = runner.invoke(
+        app, ["duplicates", "--index", str(photo_index), "-t", "0.9", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.output.splitlines() if "largest group holds" in line]
+    assert len(warning) == 1 and "of 32 images at threshold 0.9" in warning[0]
 
 
 def test_a_mismatched_manifest_is_one_line_and_exit_1(photo_index: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -52,6 +53,7 @@ def duplicates_command(
         DEFAULT_THRESHOLD,
         duplicates_sheet,
         find_duplicates,
+        oversized_group_hint,
         write_groups_csv,
     )
     from simclr_cli.engine.embeddings import load_embeddings
@@ -80,3 +82,6 @@ def duplicates_command(
         f"in {sheet}",
         highlight=False,
     )
+    hint = oversized_group_hint(groups, embeddings.rows, threshold)
+    if hint:
+        logging.getLogger("simclr_cli").warning(hint)

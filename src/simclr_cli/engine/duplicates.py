@@ -27,12 +27,19 @@ __all__ = [
     "DuplicateGroup",
     "duplicates_sheet",
     "find_duplicates",
+    "oversized_group_hint",
     "write_groups_csv",
 ]
 
 # Measured with benchmarks/duplicates_threshold.py (docs/neighbors.md): it depends on the
 # model, so the command prints it and users are told to check the sheet.
 DEFAULT_THRESHOLD = 0.97
+
+
+# A group this large is more often a model that scores unrelated images alike (random and
+# barely trained encoders merged all 19 measured photos into one group) than real copies.
+SUSPICIOUS_GROUP_FRACTION = 0.2
+SUSPICIOUS_GROUP_SIZE = 5
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,25 @@ def find_duplicates(
     groups = [DuplicateGroup(rows, [float(best[row]) for row in rows]) for rows in members.values()]
     groups.sort(key=lambda group: (-len(group.rows), -max(group.best_similarity), group.rows[0]))
     return groups
+
+
+def oversized_group_hint(groups: list[DuplicateGroup], total: int, threshold: float) -> str | None:
+    """A warning when the largest group holds a fifth of the images (at least 5), else None.
+
+    Burst shots or one scene photographed many times can make such a group honestly, so
+    this only asks the user to look before acting on it.
+    """
+    if not groups:
+        return None
+    largest = max(len(group.rows) for group in groups)
+    if largest < max(SUSPICIOUS_GROUP_SIZE, SUSPICIOUS_GROUP_FRACTION * total):
+        return None
+    return (
+        f"the largest group holds {largest} of {total} images at threshold {threshold:g}. "
+        "Unless they really are copies of one picture, this model scores different images "
+        "alike (random or briefly trained encoders do): check the sheet before deleting, "
+        "raise --threshold, or embed with a better-trained model (docs/neighbors.md)"
+    )
 
 
 def write_groups_csv(groups: list[DuplicateGroup], embeddings: Embeddings, path: Path) -> None:
