@@ -62,3 +62,32 @@ def os_error_reason(error: OSError) -> str:
         where = f" {error.filename}" if error.filename else ""
         return f"part of the path{where} is a file, not a folder"
     return error.strerror or str(error) or type(error).__name__
+
+
+# How torch words a failed allocation on each device; CUDA's has its own exception type
+# (torch.OutOfMemoryError), the others are plain RuntimeErrors.
+_OUT_OF_MEMORY_TEXT = (
+    ("CUDA out of memory", "the GPU"),
+    ("MPS backend out of memory", "the Apple GPU"),
+    ("DefaultCPUAllocator: can't allocate memory", "the CPU (RAM)"),
+    ("DefaultCPUAllocator: not enough memory", "the CPU (RAM)"),
+)
+
+
+def out_of_memory_message(error: BaseException) -> str | None:
+    """One actionable line for a failed allocation, or None when `error` is something else.
+
+    torch's own text is several lines of allocator statistics; what the user can change is
+    the batch (or the chunk the batch is computed in).
+    """
+    text = str(error)
+    where = next((device for needle, device in _OUT_OF_MEMORY_TEXT if needle in text), None)
+    if where is None and type(error).__name__ == "OutOfMemoryError":
+        where = "the GPU"
+    if where is None:
+        return None
+    return (
+        f"out of memory on {where}; lower --batch-size, or for pretrain keep the batch and "
+        "add --chunk-size 64 (gradient cache: the same step in less memory) or --precision "
+        "bf16. Checkpoints already written are intact"
+    )

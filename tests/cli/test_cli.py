@@ -147,3 +147,36 @@ def test_a_file_in_the_way_of_the_output_stops_commands_before_any_work(
         app, ["duplicates", "--index", str(tmp_path / "none.npy"), "-o", f"{blocker}/d.csv"]
     )
     assert result.exit_code == 1 and f"{blocker} is a file, not a folder" in result.output
+
+
+def test_running_out_of_memory_in_a_step_is_one_actionable_line(
+    tmp_path: Path, few_digits: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The step asks torch for an impossible tensor: torch's own allocator error, several
+    # lines of it on CUDA, becomes one line naming what to change.
+    import torch
+
+    from simclr_cli.models.simclr import SimCLRModel
+
+    def greedy_forward(self: SimCLRModel, images: torch.Tensor) -> torch.Tensor:
+        return torch.empty(2**50, dtype=torch.uint8)  # 1 PiB
+
+    monkeypatch.setattr(SimCLRModel, "forward", greedy_forward)
+    args = ["pretrain", str(few_digits), "-o", str(tmp_path / "run"), "--image-size", "16"]
+    result = runner.invoke(app, [*args, "--epochs", "1", "--workers", "0"])
+    assert result.exit_code == 1
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "out of memory on the CPU (RAM)" in error[0]
+    assert "--batch-size" in error[0] and "--chunk-size" in error[0]
+    assert "Traceback" not in result.output
+
+
+def test_cuda_out_of_memory_is_recognised_by_its_type() -> None:
+    import torch
+
+    from simclr_cli.errors import out_of_memory_message
+
+    error = torch.OutOfMemoryError("Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total)")
+    message = out_of_memory_message(error)
+    assert message is not None and message.startswith("out of memory on the GPU")
+    assert out_of_memory_message(RuntimeError("shape mismatch")) is None

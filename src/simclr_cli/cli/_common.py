@@ -51,8 +51,9 @@ def user_errors() -> Iterator[None]:
         # A decoding worker killed while the main process was busy elsewhere (a training
         # step): torch raises from its signal handler, outside the loader's own handling.
         from simclr_cli.data.loader import worker_failure
+        from simclr_cli.errors import out_of_memory_message
 
-        failure = worker_failure(error)
+        failure = out_of_memory_message(error) or worker_failure(error)
         if failure is None:
             raise
         error_console().print(f"[bold red]error:[/] {failure}", highlight=False)
