@@ -155,12 +155,14 @@ def save_training_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
     A failed write (full disk, read-only folder) becomes a CheckpointError saying that the
     previous checkpoint survived, which the atomic write guarantees, and what to do.
     """
+    had_one = path.is_file()
     try:
         save_checkpoint(path, state)
     except OSError as error:
+        kept = "the previous checkpoint is intact" if had_one else "no checkpoint was saved yet"
         raise CheckpointError(
             f"could not write a checkpoint to {path.parent.parent} ({os_error_reason(error)}); "
-            "the previous checkpoint is intact. Free some space or choose another --out"
+            f"{kept}. Free some space or choose another --out"
         ) from None
 
 

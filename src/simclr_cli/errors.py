@@ -6,6 +6,9 @@ message alone (no traceback) and exits with status 1.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
@@ -91,3 +94,32 @@ def out_of_memory_message(error: BaseException) -> str | None:
         "add --chunk-size 64 (gradient cache: the same step in less memory) or --precision "
         "bf16. Checkpoints already written are intact"
     )
+
+
+def output_location_problem(path: Path) -> str | None:
+    """Why `path` (a file or folder to be written, maybe not there yet) cannot be written.
+
+    Asks the operating system without creating anything: walks up to the nearest thing that
+    exists, which must be a folder we may write into (access() also answers for read-only
+    mounts). None when writing looks possible; a full disk is only found when writing.
+    """
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    target = existing if existing.is_dir() else existing.parent
+    if os.access(target, os.W_OK | os.X_OK):
+        return None
+    read_only = bool(os.statvfs(target).f_flag & os.ST_RDONLY)
+    reason = "read-only file system" if read_only else "permission denied"
+    return reason if target == path else f"{reason} ({target} is not writable)"
+
+
+def format_bytes(size: float) -> str:
+    """A size for messages: KiB below 1 MiB, MiB below 1 GiB, else GiB with one decimal."""
+    if size >= 2**30:
+        return f"{size / 2**30:.1f} GiB"
+    if size >= 2**20:
+        return f"{size / 2**20:.0f} MiB"
+    return f"{max(1, round(size / 2**10))} KiB"

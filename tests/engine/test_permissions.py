@@ -151,7 +151,7 @@ def test_an_output_folder_the_user_may_not_write_stops_pretrain_before_training(
     assert refused["code"] != 0
     lines = [line for line in refused["output"].splitlines() if line.strip()]
     assert len(lines) == 1, refused["output"]
-    assert "run folder" in lines[0] and "permission denied" in lines[0].lower()
+    assert "cannot write" in lines[0] and "permission denied" in lines[0].lower()
     assert not (owned_by_root / "run").exists()
 
 
@@ -184,3 +184,26 @@ def test_a_checkpoint_folder_made_read_only_keeps_the_previous_checkpoint(
 def _owner_for_child() -> tuple[int, int]:
     """Who the child runs as, so it may chmod the folder it was handed."""
     return _nobody() if os.geteuid() == 0 else (os.geteuid(), os.getegid())
+
+
+def test_commands_refuse_an_unwritable_output_before_their_work(
+    shared_dir: Path, photo_file: Path
+) -> None:
+    # eval, predict and augment-preview used to compute everything before failing to write.
+    shutil.copy(photo_file, shared_dir / "cat.png")
+    _open_to_everyone(shared_dir)
+    locked = shared_dir / "locked"
+    locked.mkdir(mode=0o755)  # owned by root: the unprivileged child may not write in it
+    runner = CliRunner()
+
+    def preview(out: Path) -> dict[str, Any]:
+        args = ["augment-preview", str(shared_dir / "cat.png"), "--size", "16", "-n", "1"]
+        result = runner.invoke(app, [*args, "-o", str(out)])
+        return {"code": result.exit_code, "output": result.output}
+
+    assert preview(shared_dir / "warm.png")["code"] == 0  # as root: loads every module
+    if os.geteuid() != 0:
+        locked.chmod(0o555)
+    refused = run_unprivileged(lambda: preview(locked / "views.png"))
+    assert refused["code"] == 1
+    assert "permission denied" in refused["output"] and "wrote" not in refused["output"]

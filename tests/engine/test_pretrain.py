@@ -210,3 +210,84 @@ def test_resume_accepts_repeating_the_runs_own_settings(few_digits: Path, tmp_pa
     result = pretrain(tiny_config(few_digits, tmp_path / "run", epochs=1))
     config = resume_config(result.run_dir, temperature=0.5, changed={"image_size": 16})
     assert config.train.temperature == 0.5 and config.augment.image_size == 16
+
+
+class Messages(NullReporter):
+    """Keeps every line the engine reports."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def test_a_run_started_with_a_relative_folder_resumes_from_anywhere(
+    few_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `-o runs/mine` (relative) used to be stored as given, so a resume from another working
+    # directory was refused as "a run with different settings (train.out_dir)".
+    (tmp_path / "started_here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "started_here")
+    first = pretrain(tiny_config(few_digits, Path("runs/mine")), reporter=InterruptAt(step=2))
+    assert first.interrupted
+    run = tmp_path / "started_here" / "runs" / "mine"
+    saved = json.loads((run / "run_config.json").read_text())
+    assert saved["train"]["out_dir"] == str(run)
+
+    # A run written before out_dir was stored absolute resumes as well.
+    from simclr_cli.checkpoint import load_checkpoint, save_training_checkpoint
+
+    checkpoint = run / "checkpoints" / "last.pt"
+    state = load_checkpoint(checkpoint)
+    state["config"]["train"]["out_dir"] = "runs/mine"
+    save_training_checkpoint(checkpoint, state)
+
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    resumed = pretrain(resume_config(run), resume=True)
+    assert not resumed.interrupted and resumed.step == 6
+    assert not (tmp_path / "elsewhere" / "runs").exists()
+
+
+def test_a_finished_run_stays_finished_after_its_epochs_were_changed(
+    few_digits: Path, tmp_path: Path
+) -> None:
+    # Planned for 3 epochs, stopped, finished early with --epochs 1: a later plain --resume
+    # used to train on to the original 3 and overwrite the exported model.
+    run = tmp_path / "run"
+    first = pretrain(tiny_config(few_digits, run, epochs=3), reporter=InterruptAt(step=2))
+    assert first.interrupted
+    finished = pretrain(resume_config(run, epochs=1), resume=True)
+    assert finished.step == 3 and not finished.interrupted
+    exported = (run / "model.safetensors").read_bytes()
+    again = pretrain(resume_config(run), resume=True)
+    assert again.step == 3
+    assert (run / "model.safetensors").read_bytes() == exported
+    assert json.loads((run / "run_config.json").read_text())["train"]["epochs"] == 1
+
+
+def test_a_failed_init_leaves_no_run_folder(few_digits: Path, tmp_path: Path) -> None:
+    # The run folder used to be made before --init was loaded, so the corrected command
+    # was then refused with "already holds a run".
+    from dataclasses import replace as replace_field
+
+    run = tmp_path / "run"
+    not_weights = next(few_digits.rglob("*.png"))
+    config = tiny_config(few_digits, run, epochs=1)
+    bad = replace_field(config, train=replace_field(config.train, init=str(not_weights)))
+    with pytest.raises((CheckpointError, ConfigError)):
+        pretrain(bad)
+    assert not run.exists()
+    assert pretrain(config).step == 3
+
+
+def test_an_existing_run_is_refused_before_any_image_is_decoded(
+    few_digits: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    pretrain(tiny_config(few_digits, run, epochs=1))
+    reporter = Messages()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        pretrain(tiny_config(few_digits, run, epochs=1), reporter=reporter)
+    assert not any("decoding" in line for line in reporter.lines), reporter.lines

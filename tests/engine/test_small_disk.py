@@ -107,3 +107,55 @@ def test_without_posix_fallocate_the_array_file_is_zero_filled_not_sparse(
     del array
     assert sparse.stat().st_blocks * 512 >= sparse.stat().st_size  # every byte has its block
     assert np.load(sparse).shape == (4096, 512)
+
+
+def test_a_disk_too_small_for_the_checkpoints_stops_pretrain_before_the_first_step(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    # A ResNet-18 checkpoint is about 90 MB; the 4 MiB disk is refused up front, instead of
+    # after a whole epoch at the first save, and no run folder is left on it.
+    from simclr_cli.config import AugmentConfig, RunConfig, TrainConfig
+    from simclr_cli.engine.pretrain import pretrain
+
+    data = write_digits(tmp_path / "data", per_class=2, labelled=False)
+    config = RunConfig(
+        augment=AugmentConfig(image_size=16),
+        train=TrainConfig(
+            data_dir=str(data), out_dir=str(small_disk / "run"), epochs=1, num_workers=0
+        ),
+    )
+    with pytest.raises(ConfigError, match="free; this run's checkpoints need about .* MiB"):
+        pretrain(config)
+    assert not (small_disk / "run").exists()
+
+
+def test_a_first_checkpoint_that_does_not_fit_does_not_claim_an_earlier_one(
+    small_disk: Path,
+) -> None:
+    path = small_disk / "run" / "checkpoints" / "last.pt"
+    _fill(small_disk, leave_bytes=64 * 1024)
+    with pytest.raises(CheckpointError, match="no checkpoint was saved yet") as caught:
+        save_training_checkpoint(path, {"step": 1, "weights": torch.ones(100_000)})
+    assert "intact" not in str(caught.value)
+
+
+def test_embed_with_room_for_the_rows_but_not_the_manifest_publishes_nothing(
+    small_disk: Path, encoder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The rows fit; the disk fills (another program, say) while the manifest is written.
+    # Before, vecs.npy was already in place beside an empty manifest and no vecs.json.
+    from simclr_cli.engine import embed as embed_module
+
+    data = write_digits(tmp_path / "data", per_class=2, labelled=False)
+    out = small_disk / "vecs.npy"
+    real_write_manifest = embed_module._write_manifest
+
+    def disk_fills_first(*args: object, **kwargs: object) -> None:
+        _fill(small_disk, leave_bytes=0)
+        real_write_manifest(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(embed_module, "_write_manifest", disk_fills_first)
+    with pytest.raises(ConfigError, match="could not write the manifest.*nothing was replaced"):
+        embed_folder(data, encoder_dir, out, options=EmbedOptions(device="cpu", num_workers=0))
+    visible = sorted(p.name for p in small_disk.iterdir() if not p.name.startswith("."))
+    assert visible == ["filler"]

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from simclr_cli.errors import ConfigError, SimclrError
+from simclr_cli.errors import ConfigError, SimclrError, output_location_problem
 
 DeviceOption = Annotated[
     str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
@@ -101,16 +101,14 @@ def absolute_if_local(model: str | None) -> str | None:
 
 
 def check_output(path: Path, *, folder: bool) -> None:
-    """Fail before any work when a file stands where the output (or a folder above it) goes.
+    """Fail before any work when the output cannot be written where -o puts it.
 
-    The commands write only at the end of their work; without this a typo in -o would cost
-    the whole run. Other write failures (permissions, a full disk) are still reported where
-    they happen.
+    A file standing where the output (or a folder above it) goes, a folder we may not write,
+    a read-only mount. The commands write only at the end of their work; without this a typo
+    in -o would cost the whole run. A full disk is still reported where it happens.
     """
     if folder and path.exists() and not path.is_dir():
         raise ConfigError(f"{path} is a file; -o/--out needs a folder there")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"cannot write {path}: {parent} is a file, not a folder")
-            return
+    problem = output_location_problem(path)
+    if problem:
+        raise ConfigError(f"cannot write {path}: {problem}")

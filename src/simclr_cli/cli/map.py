@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from simclr_cli.cli._common import QuietOption, VerboseOption, user_errors
+from simclr_cli.cli._common import QuietOption, VerboseOption, check_output, user_errors
 from simclr_cli.cli.neighbors import IndexOption
 
 
@@ -38,6 +38,7 @@ def map_command(
 
     setup_logging(verbose=verbose, quiet=quiet)
     with user_errors():
+        check_output(out, folder=False)
         embeddings = load_embeddings(index)
         positions = compute_layout(embeddings.vectors, method=layout)
         png, drawn = draw_map_png(positions, embeddings.paths, out, max_thumbnails=max_thumbnails)

@@ -15,7 +15,7 @@ from simclr_cli.cli._augment import (
     JitterStrengthOption,
     augment_choices,
 )
-from simclr_cli.cli._common import MaxPixelsOption, user_errors
+from simclr_cli.cli._common import MaxPixelsOption, check_output, user_errors
 
 if TYPE_CHECKING:
     from simclr_cli.config import AugmentConfig
@@ -56,6 +56,7 @@ def augment_preview_command(
     with user_errors():
         augment = _augment_config(run, choices)
         out_path = out or Path(f"{image.stem}-views.png")
+        check_output(out_path, folder=False)
         result = write_preview(
             image, augment, out_path, pairs=pairs, seed=seed, max_pixels=max_pixels
         )

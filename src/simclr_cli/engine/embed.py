@@ -28,7 +28,7 @@ from simclr_cli.data.images import scan_images
 from simclr_cli.data.loader import ImageBatches, SkipLog, default_num_workers
 from simclr_cli.device import Precision, autocast, resolve_device, resolve_precision
 from simclr_cli.engine.progress import NullReporter, Reporter
-from simclr_cli.errors import ConfigError, DataError, os_error_reason
+from simclr_cli.errors import ConfigError, DataError, format_bytes, os_error_reason
 from simclr_cli.models.backbone import folded_for_inference
 from simclr_cli.models.export import LoadedModel, load_model, state_fingerprint
 
@@ -150,7 +150,7 @@ def embed_folder(
     _check_writable(out_path)
     identity = _identity(model, paths, options)
     try:
-        rows_written, dim = _write_rows(
+        rows_written, dim, finished = _write_rows(
             model,
             data,
             out_path,
@@ -160,9 +160,18 @@ def embed_folder(
             precision=precision,
             reporter=reporter,
         )
-        manifest = _write_manifest(out_path, paths, rows_written, skip_log)
+    except OSError as error:
+        reason = os_error_reason(error)
+        raise ConfigError(f"could not write the embeddings to {out_path}: {reason}") from None
+    manifest = out_path.with_suffix(".manifest.csv")
+    meta = out_path.with_suffix(".json")
+    staged_manifest = manifest.with_name(f".{manifest.name}.tmp")
+    staged_meta = meta.with_name(f".{meta.name}.tmp")
+    try:
+        _write_manifest(staged_manifest, paths, rows_written, skip_log)
         _write_meta(
-            out_path,
+            staged_meta,
+            out_path=out_path,
             model_path=model_path,
             data_dir=data_dir,
             options=options,
@@ -172,8 +181,18 @@ def embed_folder(
             weights_sha256=identity["weights_sha256"],
         )
     except OSError as error:
-        reason = os_error_reason(error)
-        raise ConfigError(f"could not write the embeddings to {out_path}: {reason}") from None
+        staged_manifest.unlink(missing_ok=True)
+        staged_meta.unlink(missing_ok=True)
+        raise ConfigError(
+            f"could not write the manifest of {out_path}: {os_error_reason(error)}; nothing "
+            "was replaced. Free some space and run the same command again"
+        ) from None
+    # All three files are complete: publish them together (renames need no free space), so
+    # an index is never left with an array but no manifest.
+    finished.replace(out_path)
+    staged_manifest.replace(manifest)
+    staged_meta.replace(meta)
+    out_path.with_name(f".{out_path.name}.progress.json").unlink(missing_ok=True)
     return EmbedResult(
         out_path,
         manifest,
@@ -229,8 +248,10 @@ def _write_rows(
     device: torch.device,
     precision: Precision,
     reporter: Reporter,
-) -> tuple[list[int], int]:
-    """Stream rows into a memory-mapped .npy; returns the file index of each row and the width.
+) -> tuple[list[int], int, Path]:
+    """Stream rows into a hidden memory-mapped .npy: (file index of each row, width, its path).
+
+    The caller publishes the finished file under `out_path` once the manifest is written too.
 
     Rows follow the files in order, so progress is "files done" plus the files skipped so far.
     Both go into a small JSON beside the partial array every few seconds, after the array is
@@ -256,7 +277,7 @@ def _write_rows(
             tmp.unlink(missing_ok=True)
         raise ConfigError(
             f"cannot write {out_path}: {os_error_reason(error)} (the rows need "
-            f"{total * dim * 4 / 2**20:.0f} MiB); free some space or choose another -o"
+            f"{format_bytes(total * dim * 4)}); free some space or choose another -o"
         ) from None
     skipped_before = set(data.skip_log.skipped)
     file_indices = [i for i in range(start_file) if str(data.paths[i]) not in skipped_before]
@@ -331,9 +352,7 @@ def _write_rows(
         tmp = exact
     else:
         del array
-    tmp.replace(out_path)
-    progress_path.unlink(missing_ok=True)
-    return file_indices, dim
+    return file_indices, dim, tmp
 
 
 def _reserve_disk_space(path: Path, *, zero_fill_from: int | None) -> None:
@@ -397,10 +416,9 @@ def _resumable_position(
 
 
 def _write_manifest(
-    out_path: Path, paths: Sequence[Path], file_indices: list[int], skip_log: SkipLog
-) -> Path:
+    manifest: Path, paths: Sequence[Path], file_indices: list[int], skip_log: SkipLog
+) -> None:
     """CSV with one line per image file: row (empty when skipped), path, skip reason."""
-    manifest = out_path.with_suffix(".manifest.csv")
     row_of = {index: row for row, index in enumerate(file_indices)}
     with manifest.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -409,12 +427,12 @@ def _write_manifest(
             row = row_of.get(index)
             reason = "" if row is not None else skip_log.skipped.get(str(path), "not read")
             writer.writerow(["" if row is None else row, str(path), reason])
-    return manifest
 
 
 def _write_meta(
-    out_path: Path,
+    meta_path: Path,
     *,
+    out_path: Path,
     model_path: Path | str,
     data_dir: Path,
     options: EmbedOptions,
@@ -436,7 +454,7 @@ def _write_meta(
         "dim": dim,
         "skipped": skipped,
     }
-    out_path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
 def _describe_model(model_path: Path | str) -> str:

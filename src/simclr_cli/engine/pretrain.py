@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 
 from simclr_cli import __version__
 from simclr_cli.checkpoint import (
+    atomic_write,
     load_checkpoint,
     save_exported_model,
     save_training_checkpoint,
@@ -55,7 +57,9 @@ from simclr_cli.errors import (
     ConfigError,
     DataError,
     NonFiniteLossError,
+    format_bytes,
     os_error_reason,
+    output_location_problem,
 )
 from simclr_cli.loss import nt_xent_loss
 from simclr_cli.models.export import (
@@ -169,7 +173,7 @@ def resume_config(
             f"this run trains on {saved.train.data_dir}, not {data}; omit the folder when resuming"
         )
     safe = {k: v for k, v in overrides.items() if k in RESUMABLE_FIELDS}
-    train = replace(saved.train, out_dir=str(run_dir), **safe)
+    train = replace(saved.train, out_dir=os.path.abspath(run_dir), **safe)
     return replace(saved, train=train)
 
 
@@ -201,9 +205,13 @@ def _pretrain(
     started: float,
 ) -> PretrainResult:
     precision = resolve_precision(config.train.precision, device, training=True)
+    if config.train.out_dir:  # absolute, so the run resumes from any working directory
+        config = replace(
+            config, train=replace(config.train, out_dir=os.path.abspath(config.train.out_dir))
+        )
     run_dir = Path(config.train.out_dir)
     paths = _scan(config.train, run_dir)
-    context.on_main(lambda: _check_run_dir_writable(run_dir))
+    context.on_main(lambda: _check_run_dir(run_dir, resume=resume))
     banner = _banner(config, device=device, precision=precision, run_dir=run_dir)
     reporter.message(banner + _parallel_banner(config.train, context))
     skip_log = SkipLog(strict=config.train.strict)
@@ -215,12 +223,14 @@ def _pretrain(
         reporter=reporter,
     )
     config = _fit_batch_to_data(config, len(data.readable_indices), context, reporter)
-    # Only once the data is known to be usable; rank 0 writes, and its errors reach every rank.
-    context.on_main(lambda: _prepare_run_dir(config, resume=resume))
     num_images = len(data.readable_indices)
     # A resumed run takes its weights from its checkpoint; --init only seeds step 0.
     has_checkpoint = resume and (run_dir / CHECKPOINT_RELATIVE_PATH).is_file()
     loop = _build_loop(config, device, precision, context, with_init=not has_checkpoint)
+    # Only once the data and --init are known to be usable; rank 0 writes, and its errors
+    # reach every rank.
+    context.on_main(lambda: _check_free_space(run_dir, loop, config.optim.optimizer, resume=resume))
+    context.on_main(lambda: _prepare_run_dir(config, resume=resume))
     loop.dataset = _dataset_identity(data, config.train.data_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl") if context.is_main else _NoMetrics()
     if resume:
@@ -331,8 +341,10 @@ def _prepare_run_dir(config: RunConfig, *, resume: bool) -> Path:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RUN_MARKER).write_text("simclr-cli run folder; not scanned as input\n")
-        if not resume:
-            config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+        # On resume too: the safe changes (more epochs, say) become the run's own, so a later
+        # plain --resume continues this plan, not the one the run started with.
+        text = json.dumps(config.to_dict(), indent=2) + "\n"
+        atomic_write(config_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     except OSError as error:
         raise ConfigError(
             f"cannot write to the run folder {run_dir}: {os_error_reason(error)}"
@@ -340,21 +352,43 @@ def _prepare_run_dir(config: RunConfig, *, resume: bool) -> Path:
     return run_dir
 
 
-def _check_run_dir_writable(run_dir: Path) -> None:
-    """Refuse an output folder we could not create or write, before any image is decoded.
+def _check_free_space(run_dir: Path, loop: _Loop, optimizer: str, *, resume: bool) -> None:
+    """Refuse a disk that cannot hold the run's checkpoints, before the first step.
 
-    The run folder itself is only made once the data is known to be usable (so a bad data
-    folder leaves nothing behind); this asks the operating system now, without creating
-    anything, whether that will work. access() also answers for read-only mounts.
+    A checkpoint holds the weights and the optimiser's per-weight buffers; an atomic save
+    needs room for the new file beside the old one, and the run ends by exporting the
+    weights. Found only at the first save, a full disk would cost the first epoch.
     """
+    weights = sum(t.numel() * t.element_size() for t in loop.model.state_dict().values())
+    buffers = {"sgd": 1, "lars": 1}.get(optimizer, 2)  # momentum; AdamW keeps two moments
+    checkpoint = weights * (1 + buffers)
+    needed = checkpoint * (1 if resume else 2) + weights
     existing = run_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
-        reason = "read-only file system" if read_only else "permission denied"
-        where = "" if existing == run_dir else f" ({existing} is not writable)"
-        raise ConfigError(f"cannot write to the run folder {run_dir}: {reason}{where}")
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise ConfigError(
+            f"the disk of {run_dir} has {format_bytes(free)} free; this run's checkpoints need "
+            f"about {format_bytes(needed)} (two copies during a save, plus the exported "
+            "encoder). Free some space or choose another --out"
+        )
+
+
+def _check_run_dir(run_dir: Path, *, resume: bool) -> None:
+    """Refuse an output folder the run could not use, before any image is decoded.
+
+    The run folder itself is only made once the data and --init are known to be usable (so
+    a failed start leaves nothing behind); this checks now, without creating anything.
+    """
+    if not resume and (run_dir / RUN_CONFIG_NAME).exists():
+        raise ConfigError(
+            f"{run_dir} already holds a run; resume it with --resume {run_dir} "
+            "or pick another --out"
+        )
+    problem = output_location_problem(run_dir)
+    if problem:
+        raise ConfigError(f"cannot write to the run folder {run_dir}: {problem}")
 
 
 def _scan(train: TrainConfig, run_dir: Path) -> list[Path]:
@@ -423,7 +457,7 @@ def _prepare_data(
     )
     if data.canvas_bytes() <= train.cache_limit_gb * 2**30:
         size = data.canvas_bytes()
-        shown = f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{max(1, size // 2**10)} KiB"
+        shown = format_bytes(size)
         reporter.message(f"decoding {len(paths)} images into memory ({shown})")
         data.cache()
     elif _first_readable(data) is None:
@@ -548,8 +582,9 @@ def _restore(
         loop.epoch == config.train.epochs and int(state["batch_in_epoch"]) > 0
     ):
         raise ConfigError(
-            f"{run_dir} has already trained {loop.epoch} epochs; --epochs {config.train.epochs} "
-            "would end it before its own checkpoint. Ask for more epochs, or none to finish"
+            f"{run_dir} has already trained {loop.epoch} epochs, more than --epochs "
+            f"{config.train.epochs}; pass a larger --epochs to extend it, or leave --epochs "
+            "out to finish the run as planned"
         )
     loop.batch_in_epoch = int(state["batch_in_epoch"])
     loop.last_loss = float(state.get("last_loss", math.nan))
@@ -573,7 +608,9 @@ def _check_same_run(saved: dict[str, Any], config: RunConfig, path: Path) -> Non
         f"{part}.{key}"
         for part, values in current.items()
         for key, value in values.items()
-        if not (part == "train" and key in RESUMABLE_FIELDS)
+        # The folder is wherever the run is now: runs may be moved, or were recorded
+        # relative to the directory they started in (before out_dir was made absolute).
+        if not (part == "train" and (key in RESUMABLE_FIELDS or key == "out_dir"))
         and _plain(saved.get(part, {}).get(key, defaults[part][key])) != _plain(value)
     ]
     if differences:
