@@ -6,16 +6,25 @@ rich is imported lazily so `simclr --help` stays quick. When either stream is no
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from simclr_cli.engine.progress import PlainReporter, Reporter
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["RichReporter", "error_console", "make_reporter", "output_console", "setup_logging"]
+__all__ = [
+    "RichReporter",
+    "error_console",
+    "keep_going_when_the_reader_leaves",
+    "make_reporter",
+    "output_console",
+    "setup_logging",
+]
 
 _consoles: dict[str, Console] = {}
 
@@ -36,6 +45,68 @@ def error_console() -> Console:
 
         _consoles["err"] = Console(stderr=True, soft_wrap=True)
     return _consoles["err"]
+
+
+class _SurvivingStream(io.TextIOBase):
+    """A standard stream that goes quiet, instead of raising, once its reader has gone.
+
+    `simclr pretrain ... 2>&1 | head` closes the pipe after a few lines; Python then raises
+    BrokenPipeError on the next progress line, which used to end hours of training with no
+    message (there is nowhere left to print one). The work matters more than its log: the
+    stream's descriptor is pointed at the null device and the command carries on.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self._stream = stream
+        self._reader_gone = False
+
+    def write(self, text: str) -> int:
+        if not self._reader_gone:
+            try:
+                self._stream.write(text)
+            except BrokenPipeError:
+                self._silence()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._reader_gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._silence()
+
+    def _silence(self) -> None:
+        self._reader_gone = True
+        # Also what the interpreter flushes at exit; otherwise it reports the broken pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._stream.encoding
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return self._stream.errors
+
+
+def keep_going_when_the_reader_leaves() -> None:
+    """Wrap stdout and stderr so that a closed pipe silences output instead of the command."""
+    if not isinstance(sys.stdout, _SurvivingStream):
+        sys.stdout = _SurvivingStream(sys.stdout)
+    if not isinstance(sys.stderr, _SurvivingStream):
+        sys.stderr = _SurvivingStream(sys.stderr)
 
 
 def interactive() -> bool:

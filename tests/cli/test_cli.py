@@ -180,3 +180,20 @@ def test_cuda_out_of_memory_is_recognised_by_its_type() -> None:
     message = out_of_memory_message(error)
     assert message is not None and message.startswith("out of memory on the GPU")
     assert out_of_memory_message(RuntimeError("shape mismatch")) is None
+
+
+def test_training_carries_on_when_the_reader_of_its_output_goes_away(
+    tmp_path: Path, few_digits: Path
+) -> None:
+    # `simclr pretrain ... 2>&1 | head -2`: head exits after two lines and the pipe closes.
+    # Python then raised BrokenPipeError on the next progress line and the run ended there.
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "simclr_cli", "pretrain", str(few_digits), "-o", str(run)]
+    args += ["--image-size", "16", "--epochs", "2", "--batch-size", "16", "--workers", "0"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert process.stdout is not None
+    first_lines = [process.stdout.readline() for _ in range(2)]
+    process.stdout.close()  # what head does after its lines
+    assert process.wait(timeout=600) == 0
+    assert b"simclr" in first_lines[0]
+    assert (run / "model.safetensors").is_file()

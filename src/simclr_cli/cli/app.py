@@ -64,4 +64,7 @@ def _root(
 
 def main() -> None:
     """Console-script entry point."""
+    from simclr_cli.console import keep_going_when_the_reader_leaves
+
+    keep_going_when_the_reader_leaves()
     app()
