@@ -24,14 +24,19 @@ def test_config_round_trips_through_a_plain_dict() -> None:
 @pytest.mark.parametrize(
     ("part", "values", "message"),
     [
-        ("augment", {"image_size": 4}, "image size"),
-        ("augment", {"flip_prob": 1.5}, "probability"),
+        ("augment", {"image_size": 4}, "--image-size"),
+        ("augment", {"flip_prob": 1.5}, "--flip-prob must be a probability"),
+        ("augment", {"blur_prob": -0.1}, "--blur-prob must be a probability"),
+        ("augment", {"jitter_strength": 3.0}, "--jitter-strength"),
         ("augment", {"crop_area": (0.5, 0.2)}, "crop area"),
+        ("augment", {"crop_area": (0.0, 1.0)}, r"--crop-min-area must be in \(0, 1\], got 0"),
         ("model", {"arch": "vgg16"}, "unknown architecture"),
         ("model", {"projection_layers": 4}, "2 or 3"),
         ("optim", {"optimizer": "rmsprop"}, "unknown optimizer"),
         ("train", {"global_batch_size": 1}, "at least 2"),
-        ("train", {"temperature": 0}, "temperature"),
+        ("train", {"temperature": 0}, "--temperature must be positive"),
+        ("optim", {"base_lr": 0}, "--lr must be positive"),
+        ("optim", {"lr_scaling": "log"}, "use linear, sqrt or none"),
         ("train", {"precision": "fp8"}, "precision"),
     ],
 )

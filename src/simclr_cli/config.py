@@ -63,15 +63,34 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         """Reject values the pipeline cannot honour."""
-        _check(8 <= self.image_size <= 1024, "image size must be between 8 and 1024 pixels")
+        # Messages name the command-line option where there is one (pretrain and
+        # augment-preview share these flags); the rest only come from an edited config.
+        _check(
+            8 <= self.image_size <= 1024,
+            f"--image-size must be between 8 and 1024 pixels, got {self.image_size}",
+        )
         low, high = self.crop_area
-        _check(0 < low <= high <= 1, "crop area must satisfy 0 < min <= max <= 1")
+        if high == 1:  # the command line sets only the minimum
+            _check(0 < low <= 1, f"--crop-min-area must be in (0, 1], got {low:g}")
+        _check(
+            0 < low <= high <= 1,
+            f"crop area must satisfy 0 < min <= max <= 1, got {low:g} to {high:g}",
+        )
         _check(0 < self.crop_aspect[0] <= self.crop_aspect[1], "crop aspect must be min <= max")
-        for name in ("flip_prob", "jitter_prob", "grayscale_prob"):
-            value = getattr(self, name)
-            _check(0 <= value <= 1, f"{name} must be a probability in [0, 1], got {value}")
-        _check(self.blur_prob is None or 0 <= self.blur_prob <= 1, "blur_prob must be in [0, 1]")
-        _check(0 <= self.jitter_strength <= 2.5, "jitter strength must be in [0, 2.5]")
+        for words, value in (
+            ("--flip-prob", self.flip_prob),
+            ("the colour jitter probability", self.jitter_prob),
+            ("the grayscale probability", self.grayscale_prob),
+        ):
+            _check(0 <= value <= 1, f"{words} must be a probability in [0, 1], got {value:g}")
+        _check(
+            self.blur_prob is None or 0 <= self.blur_prob <= 1,
+            f"--blur-prob must be a probability in [0, 1], got {self.blur_prob}",
+        )
+        _check(
+            0 <= self.jitter_strength <= 2.5,
+            f"--jitter-strength must be in [0, 2.5], got {self.jitter_strength:g}",
+        )
         _check(0 < self.blur_sigma[0] <= self.blur_sigma[1], "blur sigma must be 0 < min <= max")
         _check(all(s > 0 for s in self.std), "normalisation std must be positive")
 
@@ -92,8 +111,8 @@ class ModelConfig:
             self.arch in ARCHITECTURES,
             f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}",
         )
-        _check(self.projection_dim >= 1, "projection dim must be at least 1")
-        _check(self.projection_layers in (2, 3), "projection head must have 2 or 3 layers")
+        _check(self.projection_dim >= 1, "--projection-dim must be at least 1")
+        _check(self.projection_layers in (2, 3), "--projection-layers must be 2 or 3")
         _check(
             self.projection_hidden_dim is None or self.projection_hidden_dim >= 1,
             "projection hidden dim must be at least 1",
@@ -118,11 +137,14 @@ class OptimConfig:
             self.optimizer in OPTIMIZERS,
             f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}",
         )
-        _check(self.lr_scaling in LR_SCALINGS, f"lr scaling must be one of {LR_SCALINGS}")
-        _check(self.base_lr is None or self.base_lr > 0, "learning rate must be positive")
-        _check(self.weight_decay is None or self.weight_decay >= 0, "weight decay must be >= 0")
+        _check(
+            self.lr_scaling in LR_SCALINGS,
+            f"unknown --lr-scaling {self.lr_scaling!r}; use linear, sqrt or none",
+        )
+        _check(self.base_lr is None or self.base_lr > 0, "--lr must be positive")
+        _check(self.weight_decay is None or self.weight_decay >= 0, "--weight-decay must be >= 0")
         _check(0 <= self.momentum < 1, "momentum must be in [0, 1)")
-        _check(self.warmup_epochs >= 0, "warmup epochs must be >= 0")
+        _check(self.warmup_epochs >= 0, "--warmup-epochs must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -157,16 +179,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Reject values that would make the run meaningless."""
-        _check(self.epochs >= 1, "epochs must be at least 1")
+        _check(self.epochs >= 1, "--epochs must be at least 1")
         _check(
             self.global_batch_size >= 2,
-            "batch size must be at least 2: NT-Xent needs another image as a negative",
+            "--batch-size must be at least 2: NT-Xent needs another image as a negative",
         )
-        _check(self.temperature > 0, "temperature must be positive")
-        _check(self.num_workers is None or self.num_workers >= 0, "workers must be >= 0")
-        _check(self.cache_limit_gb >= 0, "cache limit must be >= 0")
-        _check(self.checkpoint_minutes > 0, "checkpoint interval must be positive")
-        _check(self.max_pixels is None or self.max_pixels >= 1, "max pixels must be positive")
+        _check(self.temperature > 0, f"--temperature must be positive, got {self.temperature:g}")
+        _check(self.num_workers is None or self.num_workers >= 0, "--workers must be >= 0")
+        _check(self.cache_limit_gb >= 0, "--cache-limit-gb must be >= 0")
+        _check(self.checkpoint_minutes > 0, "--checkpoint-minutes must be positive")
+        _check(self.max_pixels is None or self.max_pixels >= 1, "--max-pixels must be positive")
         _check(
             self.precision in ("auto", "fp32", "bf16", "fp16"),
             f"unknown precision {self.precision!r}; use auto, fp32, bf16 or fp16",
@@ -175,7 +197,7 @@ class TrainConfig:
             self.dist_backend in ("auto", "nccl", "gloo"),
             f"unknown distributed backend {self.dist_backend!r}; use auto, nccl or gloo",
         )
-        _check(self.chunk_size is None or self.chunk_size >= 1, "chunk size must be at least 1")
+        _check(self.chunk_size is None or self.chunk_size >= 1, "--chunk-size must be at least 1")
         _check(
             self.encoder_batchnorm in ("batch", "frozen"),
             f"unknown encoder batch-norm mode {self.encoder_batchnorm!r}; use batch or frozen",

@@ -112,7 +112,56 @@ def test_resume_refuses_model_options(tmp_path: Path, few_digits: Path) -> None:
     config = build_run_config(train={"data_dir": str(few_digits), "out_dir": str(run)})
     (run / "run_config.json").write_text(__import__("json").dumps(config.to_dict()))
     result = runner.invoke(app, ["pretrain", "--resume", str(run), "--arch", "resnet50"])
-    assert result.exit_code == 1 and "cannot change arch" in result.stderr
+    assert result.exit_code == 1 and "cannot change --arch when resuming" in result.stderr
+
+
+def test_resume_names_the_options_it_refuses_as_typed(
+    tmp_path: Path, few_digits: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The config calls them base_lr, global_batch_size and crop_area; the user typed these.
+    from simclr_cli.config import build_run_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = build_run_config(train={"data_dir": str(few_digits), "out_dir": str(run)})
+    (run / "run_config.json").write_text(__import__("json").dumps(config.to_dict()))
+    args = ["pretrain", "--resume", str(run), "--lr", "0.1", "-b", "64", "--crop-min-area", "0.5"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: cannot change --batch-size, --crop-min-area, --lr when resuming")
+    assert "base_lr" not in line and "global_batch_size" not in line
+
+    # Repeating the run's own values is no change: the run goes on.
+    resumed: list[RunConfig] = []
+
+    def fake_pretrain(config: RunConfig, *, reporter: object, resume: bool) -> None:
+        resumed.append(config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("simclr_cli.engine.pretrain.pretrain", fake_pretrain)
+    args = ["pretrain", "--resume", str(run), "--crop-min-area", "0.08", "-b", "256"]
+    result = runner.invoke(app, args)
+    assert len(resumed) == 1, result.output
+
+
+@pytest.mark.parametrize("value", ["0", "1.5"])
+def test_crop_min_area_outside_zero_to_one_is_refused_not_replaced_by_the_default(
+    value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_file: Path
+) -> None:
+    # 0 was taken as "not given" and silently became 0.08.
+    def fake_pretrain(config: RunConfig, *, reporter: object, resume: bool) -> None:
+        raise AssertionError(f"pretrain ran with crop area {config.augment.crop_area}")
+
+    monkeypatch.setattr("simclr_cli.engine.pretrain.pretrain", fake_pretrain)
+    expected = f"error: --crop-min-area must be in (0, 1], got {value}"
+    result = runner.invoke(app, ["pretrain", str(tmp_path), "--crop-min-area", value])
+    assert result.exit_code == 1 and result.stderr == expected + "\n", result.output
+    views = tmp_path / "views.png"
+    args = ["augment-preview", str(photo_file), "--crop-min-area", value, "-o", str(views)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and result.stderr == expected + "\n", result.output
+    assert not views.exists()
 
 
 def test_an_interrupted_run_exits_with_130(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

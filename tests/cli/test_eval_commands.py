@@ -62,3 +62,23 @@ def test_augment_preview_writes_the_png_and_says_where(photo_file: Path, tmp_pat
     assert str(out) in result.output.replace("\n", "") and out.stat().st_size > 1000
     line = one_line_error(runner.invoke(app, ["augment-preview", str(tmp_path / "missing.jpg")]))
     assert "missing.jpg" in line
+
+
+def test_eval_refuses_a_knn_temperature_that_is_not_positive(
+    encoder_dir: Path, few_digits: Path, tmp_path: Path
+) -> None:
+    # exp(similarity / t) with t <= 0 favours the least similar neighbours: wrong numbers.
+    for value in ("0", "-0.1"):
+        args = ["eval", str(few_digits), "-m", str(encoder_dir), "-o", str(tmp_path / "e")]
+        line = one_line_error(runner.invoke(app, [*args, "--knn-temperature", value]))
+        assert line == f"error: --knn-temperature must be positive, got {value}"
+    assert not (tmp_path / "e").exists()
+
+
+def test_augment_preview_names_the_option_of_a_bad_probability(
+    photo_file: Path, tmp_path: Path
+) -> None:
+    for option in ("--flip-prob", "--blur-prob"):
+        args = ["augment-preview", str(photo_file), option, "2", "-o", str(tmp_path / "v.png")]
+        line = one_line_error(runner.invoke(app, args))
+        assert line.startswith(f"error: {option} must be a probability in [0, 1], got 2")

@@ -1,4 +1,5 @@
 import re
+import shutil
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -67,8 +68,6 @@ def test_duplicates_warns_when_one_group_swallows_much_of_the_folder(
 
 def test_a_mismatched_manifest_is_one_line_and_exit_1(photo_index: Path, tmp_path: Path) -> None:
     # The manifest lists fewer rows than the array holds: one error line, no traceback.
-    import shutil
-
     for suffix in (".npy", ".manifest.csv"):
         shutil.copy(photo_index.with_suffix(suffix), tmp_path / f"v{suffix}")
     manifest = tmp_path / "v.manifest.csv"
@@ -76,3 +75,115 @@ def test_a_mismatched_manifest_is_one_line_and_exit_1(photo_index: Path, tmp_pat
     result = runner.invoke(app, ["duplicates", "--index", str(tmp_path / "v.npy")])
     assert result.exit_code == 1
     assert "does not match" in result.output and "Traceback" not in result.output
+
+
+def _notes(path: Path) -> Path:
+    path.write_text("shopping list: coffee, milk\n")  # a text file under an image name
+    return path
+
+
+def test_unreadable_files_in_a_query_folder_are_skipped_counted_and_named(
+    photo_index: Path, photos_with_copies: Path, tmp_path: Path
+) -> None:
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for name in ("coffee.png", "rocket.png"):
+        shutil.copy(photos_with_copies / name, queries / name)
+    notes = _notes(queries / "notes.png")
+    out = tmp_path / "sheets"
+    result = runner.invoke(app, ["neighbors", str(queries), "-i", str(photo_index), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert any(str(notes) in line for line in warnings), result.stderr
+    assert any("skipped 1 of 3 query images" in line for line in warnings), result.stderr
+    assert "--strict" not in result.output
+    headers = [line for line in result.stdout.splitlines() if not line.startswith(" ")]
+    assert [Path(line.split(" (")[0]).name for line in headers] == ["coffee.png", "rocket.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["coffee.png", "rocket.png"]
+
+
+def test_an_unreadable_query_named_on_its_own_is_an_error_without_a_missing_option(
+    photo_index: Path, photos_with_copies: Path, tmp_path: Path
+) -> None:
+    # Named explicitly (even beside a folder): the user asked for it, so it is not skipped;
+    # the message must not point to --strict, which neighbors does not have.
+    notes = _notes(tmp_path / "notes.png")
+    good = tmp_path / "good"
+    good.mkdir()
+    shutil.copy(photos_with_copies / "coffee.png", good / "coffee.png")
+    result = runner.invoke(app, ["neighbors", str(good), str(notes), "-i", str(photo_index)])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: {notes}: not an image")
+    assert len(result.stderr.splitlines()) == 1 and "--strict" not in result.stderr
+
+
+def test_an_indexed_file_replaced_after_embedding_is_embedded_afresh(
+    photos_with_copies: Path, encoder_dir: Path, tmp_path: Path
+) -> None:
+    import os
+
+    from simclr_cli.engine.embed import EmbedOptions, embed_folder
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("coffee.png", "coffee__jpeg.jpg", "chelsea.png", "chelsea__jpeg.jpg"):
+        shutil.copy(photos_with_copies / name, folder / name)
+    index = tmp_path / "vecs.npy"
+    embed_folder(folder, encoder_dir, index, options=EmbedOptions(num_workers=0))
+    written = index.stat().st_mtime
+    # coffee.png now holds the cat, saved after the index (times set: filesystems differ in
+    # timestamp resolution); chelsea.png is untouched.
+    shutil.copy(photos_with_copies / "chelsea__half.png", folder / "coffee.png")
+    os.utime(folder / "coffee.png", (written + 5, written + 5))
+    os.utime(folder / "chelsea.png", (written - 5, written - 5))
+
+    args = ["-i", str(index), "-k", "1", "-o", str(tmp_path / "n.png")]
+    result = runner.invoke(app, ["neighbors", str(folder / "coffee.png"), *args])
+    assert result.exit_code == 0, result.output
+    [warning] = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert "1 query image modified after the index was written" in warning
+    assert "coffee.png" in warning and "simclr embed" in warning
+    header, nearest = result.stdout.splitlines()
+    assert "(embedded with the index's model)" in header
+    assert Path(nearest.split()[-1]).name.startswith("chelsea")  # the new picture's family
+
+    result = runner.invoke(app, ["neighbors", str(folder / "chelsea.png"), *args])
+    assert result.exit_code == 0, result.output
+    assert "(in the index)" in result.stdout and "warning" not in result.stderr
+
+
+def _index_of(files: list[Path], folder: Path, encoder_dir: Path) -> Path:
+    from simclr_cli.engine.embed import EmbedOptions, embed_folder
+
+    folder.mkdir()
+    for file in files:
+        shutil.copy(file, folder / file.name)
+    index = folder.parent / f"{folder.name}.npy"
+    embed_folder(folder, encoder_dir, index, options=EmbedOptions(num_workers=0))
+    return index
+
+
+def test_duplicates_counts_one_group_in_the_singular_and_draws_no_empty_sheet(
+    photos_with_copies: Path, encoder_dir: Path, tmp_path: Path
+) -> None:
+    # At 0.978 the random 16 px encoder links each photo with its copies and nothing else
+    # (the 8-group test above).
+    names = ["coffee.png", "coffee__jpeg.jpg", "rocket.png", "astronaut.png"]
+    one = _index_of([photos_with_copies / n for n in names], tmp_path / "one", encoder_dir)
+    out = tmp_path / "d.csv"
+    result = runner.invoke(app, ["duplicates", "-i", str(one), "-t", "0.978", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("1 group holding 2 of 4 images at threshold 0.978;")
+    assert result.stdout.rstrip().endswith(f"drawn in {tmp_path / 'd.png'}")
+
+    names = ["rocket.png", "astronaut.png", "coffee.png"]
+    none = _index_of([photos_with_copies / n for n in names], tmp_path / "none", encoder_dir)
+    fresh = tmp_path / "fresh.csv"
+    result = runner.invoke(app, ["duplicates", "-i", str(none), "-t", "0.978", "-o", str(fresh)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("no near-duplicates among 3 images at threshold 0.978;")
+    assert "no sheet was drawn" in result.stdout and not fresh.with_suffix(".png").exists()
+    assert fresh.read_text().splitlines() == ["group,size,row,path,best_similarity"]
+    # Into the folder of the run above: its sheet is still there, and the summary says whose.
+    result = runner.invoke(app, ["duplicates", "-i", str(none), "-t", "0.978", "-o", str(out)])
+    assert f"({tmp_path / 'd.png'} is from an earlier run)" in result.stdout

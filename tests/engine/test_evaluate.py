@@ -104,7 +104,7 @@ def test_unknown_baseline_and_unlabelled_folder_are_clear_errors(
 ) -> None:
     from simclr_cli.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="unknown baseline"):
+    with pytest.raises(ConfigError, match="unknown --baseline imagenet; choose random or pixels"):
         evaluate(
             encoder_dir, few_digits, out_dir=tmp_path, options=options(baselines=("imagenet",))
         )

@@ -92,7 +92,7 @@ def test_interrupted_finetune_resumes_to_the_same_weights(
     a = load_classifier(straight.run_dir).network.state_dict()
     b = load_classifier(resumed.run_dir).network.state_dict()
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
-    with pytest.raises(ConfigError, match="label_fraction"):
+    with pytest.raises(ConfigError, match="cannot change --label-fraction when resuming"):
         resume_finetune_config(tmp_path / "b", label_fraction=0.2)
 
 

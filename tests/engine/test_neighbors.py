@@ -61,9 +61,9 @@ def test_sheets_one_file_for_one_query_and_a_folder_for_several(
     queries.mkdir()
     for name in TEST_PHOTOS[:3]:
         shutil.copy(photos_with_copies / f"{name}.png", queries / f"{name}.png")
-    files, any_folder = expand_queries([queries])
-    assert any_folder and len(files) == 3
-    results = find_neighbors(embeddings, files, k=2, device="cpu")
+    found = expand_queries([queries])
+    assert found.any_folder and len(found.files) == 3
+    results = find_neighbors(embeddings, found.files, k=2, device="cpu")
     written = write_neighbor_sheets(results, embeddings, tmp_path / "sheets", one_per_file=True)
     assert sorted(p.name for p in written) == sorted(f"{n}.png" for n in TEST_PHOTOS[:3])
     with pytest.raises(ConfigError, match="give -o a folder"):

@@ -69,5 +69,6 @@ def augment_choices(
         flip_prob=flip_prob,
         jitter_strength=jitter_strength,
         blur_prob=blur_prob,
-        crop_area=(crop_min_area, 1.0) if crop_min_area else None,
+        # `is not None`: 0 must reach the config's check, not fall back to the default.
+        crop_area=(crop_min_area, 1.0) if crop_min_area is not None else None,
     )

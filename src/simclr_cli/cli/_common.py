@@ -42,10 +42,10 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except SimclrError as error:
-        error_console().print(f"[bold red]error:[/] {error}", highlight=False)
+        print_error(error)
         raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
-        error_console().print("interrupted", highlight=False)
+        error_console().print("interrupted", highlight=False, markup=False)
         raise typer.Exit(code=130) from None
     except RuntimeError as error:
         # A decoding worker killed while the main process was busy elsewhere (a training
@@ -56,8 +56,21 @@ def user_errors() -> Iterator[None]:
         failure = out_of_memory_message(error) or worker_failure(error)
         if failure is None:
             raise
-        error_console().print(f"[bold red]error:[/] {failure}", highlight=False)
+        print_error(failure)
         raise typer.Exit(code=1) from None
+
+
+def print_error(message: object) -> None:
+    """`error: MESSAGE` on stderr, the message shown as written.
+
+    Messages carry file names and install hints (`pip install "simclr-cli[umap]"`); as rich
+    markup their brackets would vanish, or a name like `x[/b]` would crash the print.
+    """
+    from rich.text import Text
+
+    from simclr_cli.console import error_console
+
+    error_console().print(Text.assemble(("error:", "bold red"), f" {message}"), highlight=False)
 
 
 def given(**options: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ def convert_command(
         str,
         typer.Argument(
             help="Run folder, model folder, weights file (.pth/.pt/.bin/.safetensors) or Hub "
-            "repo (owner/name[@revision]).",
+            "repo (owner/name\\[@revision]).",
             show_default=False,
         ),
     ],
@@ -48,4 +48,5 @@ def convert_command(
         f"{model.image_size} px inputs, mean {pre['mean']} std {pre['std']}"
         + (", with projection head" if model.projection_head is not None else ""),
         highlight=False,
+        markup=False,
     )

@@ -45,4 +45,5 @@ def demo_command(
         f"unlabelled digits in {result.pretrain_seconds / 60:.1f} min. Data: {result.dataset}. "
         f"Run folder: {result.run_dir}",
         highlight=False,
+        markup=False,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,6 +16,9 @@ from simclr_cli.cli._common import (
     user_errors,
 )
 from simclr_cli.cli.neighbors import IndexOption, SearchOption
+
+if TYPE_CHECKING:
+    from simclr_cli.engine.duplicates import DuplicateGroup
 
 
 def duplicates_command(
@@ -72,16 +75,37 @@ def duplicates_command(
             reporter=make_reporter(quiet=quiet),
         )
         write_groups_csv(groups, embeddings, out)
-        sheet = save_png(
-            duplicates_sheet(groups, embeddings, max_groups=sheet_groups), out.with_suffix(".png")
-        )
-    images = sum(len(group.rows) for group in groups)
+        sheet = out.with_suffix(".png")
+        if groups:  # a sheet of no groups would be an empty picture
+            save_png(duplicates_sheet(groups, embeddings, max_groups=sheet_groups), sheet)
     output_console().print(
-        f"{len(groups)} groups holding {images} of {embeddings.rows} images at threshold "
-        f"{threshold:g}; groups in {out}, the largest {min(sheet_groups, len(groups))} drawn "
-        f"in {sheet}",
+        _summary(groups, embeddings.rows, threshold, out, sheet, sheet_groups),
         highlight=False,
+        markup=False,
     )
     hint = oversized_group_hint(groups, embeddings.rows, threshold)
     if hint:
         logging.getLogger("simclr_cli").warning(hint)
+
+
+def _summary(
+    groups: list[DuplicateGroup],
+    rows: int,
+    threshold: float,
+    out: Path,
+    sheet: Path,
+    sheet_groups: int,
+) -> str:
+    if not groups:
+        earlier = f" ({sheet} is from an earlier run)" if sheet.exists() else ""
+        return (
+            f"no near-duplicates among {rows} images at threshold {threshold:g}; {out} holds "
+            f"only its header and no sheet was drawn{earlier}"
+        )
+    images = sum(len(group.rows) for group in groups)
+    drawn = min(sheet_groups, len(groups))
+    where = f"drawn in {sheet}" if drawn == len(groups) else f"the largest {drawn} drawn in {sheet}"
+    return (
+        f"{len(groups)} group{'s' if len(groups) != 1 else ''} holding {images} of {rows} "
+        f"images at threshold {threshold:g}; groups in {out}, {where}"
+    )

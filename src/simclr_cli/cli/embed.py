@@ -81,6 +81,7 @@ def embed_command(
                 "interrupted: the rows done so far are kept; run the same command again to "
                 "continue",
                 highlight=False,
+                markup=False,
             )
             raise typer.Exit(code=130) from None
     output_console().print(
@@ -88,4 +89,5 @@ def embed_command(
         f"({len(result.skipped)} skipped) in {result.seconds:.1f} s; "
         f"rows map to files in {result.manifest_path}",
         highlight=False,
+        markup=False,
     )

@@ -156,6 +156,7 @@ def _render(result: EvalResult, *, temperature: float, replaced: bool) -> None:
         f"kNN w: cosine-weighted vote, t = {temperature:g}; maj: majority vote; "
         "linear: linear probe on frozen features",
         highlight=False,
+        markup=False,
     )
     unconverged = [s for s, r in result.results.items() if not r["linear"]["converged"]]
     if unconverged:
@@ -163,14 +164,17 @@ def _render(result: EvalResult, *, temperature: float, replaced: bool) -> None:
             f"note: the linear probe did not fully converge for {', '.join(unconverged)} "
             "(see eval.json: gradient_max_abs)",
             highlight=False,
+            markup=False,
         )
     if result.skipped:
         console.print(
             f"skipped {len(result.skipped)} unreadable file(s), named above and in eval.json",
             highlight=False,
+            markup=False,
         )
     console.print(
         f"wrote {result.out_dir / 'eval.json'} and {result.out_dir / 'confusion.png'} "
         f"in {result.seconds:.1f} s" + (" (replacing the previous ones)" if replaced else ""),
         highlight=False,
+        markup=False,
     )

@@ -40,7 +40,7 @@ def finetune_command(
             "--model",
             "-m",
             help="Pretrained encoder: run folder, model folder, weights file, or Hugging Face "
-            "Hub repo (owner/name[@revision]).",
+            "Hub repo (owner/name\\[@revision]).",
             show_default=False,
         ),
     ] = None,
@@ -205,16 +205,19 @@ def _render(result: FinetuneResult) -> None:
         f"{result.final_loss:.4f}, in {result.seconds / 60:.1f} min"
         + (f" ({len(result.skipped)} unreadable file(s) skipped)" if result.skipped else ""),
         highlight=False,
+        markup=False,
     )
     if result.test_accuracy is not None:
         console.print(
             f"test accuracy: {100 * result.test_accuracy:.1f}% on {result.test_images} images",
             highlight=False,
+            markup=False,
         )
-    console.print(f"run folder: {result.run_dir}", highlight=False)
+    console.print(f"run folder: {result.run_dir}", highlight=False, markup=False)
     if not result.interrupted:
         console.print(
             f"classifier: {result.run_dir / 'model.safetensors'} (+ config.json); use it with "
             f"simclr predict DIR --model {result.run_dir}",
             highlight=False,
+            markup=False,
         )

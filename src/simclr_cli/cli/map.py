@@ -47,4 +47,5 @@ def map_command(
         f"{embeddings.rows} images laid out by {positions.method}: {png} ({drawn} thumbnails), "
         f"{page} (offline; hover for file names)",
         highlight=False,
+        markup=False,
     )

@@ -65,15 +65,24 @@ def neighbors_command(
         embeddings = load_embeddings(index)
         # Where the sheets go (the defaults of write_neighbor_sheets when -o is not given).
         sheets_at = [out] if out is not None else [Path("neighbors"), Path("neighbors.png")]
-        files, any_folder = expand_queries(queries, exclude=sheets_at)
-        results = find_neighbors(embeddings, files, k=k, method=search, device=device)
+        found = expand_queries(queries, exclude=sheets_at)
+        results = find_neighbors(
+            embeddings,
+            found.files,
+            k=k,
+            method=search,
+            device=device,
+            skippable=found.from_folders,
+        )
         sheets = write_neighbor_sheets(
-            results, embeddings, out, one_per_file=any_folder or len(files) > 1
+            results, embeddings, out, one_per_file=found.any_folder or len(found.files) > 1
         )
     for result, sheet in zip(results, sheets, strict=True):
         where = "in the index" if result.in_index else "embedded with the index's model"
-        console.print(f"{result.query} ({where}); sheet: {sheet}", highlight=False)
+        console.print(f"{result.query} ({where}); sheet: {sheet}", highlight=False, markup=False)
         for rank, (row, similarity) in enumerate(result.neighbors, start=1):
             console.print(
-                f"  {rank:>3}  {similarity:.4f}  {embeddings.paths[row]}", highlight=False
+                f"  {rank:>3}  {similarity:.4f}  {embeddings.paths[row]}",
+                highlight=False,
+                markup=False,
             )

@@ -72,4 +72,5 @@ def predict_command(
         f"wrote {result.predicted} predictions ({len(result.skipped)} unreadable files listed) "
         f"to {result.csv_path} in {result.seconds:.1f} s; predictions per class (top 5): {summary}",
         highlight=False,
+        markup=False,
     )

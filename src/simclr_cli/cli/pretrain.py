@@ -29,6 +29,7 @@ from simclr_cli.cli._common import (
     absolute_if_local,
     check_output,
     given,
+    print_error,
     user_errors,
 )
 from simclr_cli.errors import ConfigError, SimclrError
@@ -78,7 +79,7 @@ def pretrain_command(
         typer.Option(
             "--init",
             help="Start from pretrained weights: run or model folder, weights file, or Hub "
-            "repo (owner/name[@revision]); the architecture must match.",
+            "repo (owner/name\\[@revision]); the architecture must match.",
             rich_help_panel=_RUN,
         ),
     ] = None,
@@ -282,9 +283,9 @@ def pretrain_command(
         if resume is not None:
             if out is not None:
                 raise ConfigError("--resume continues a run in its own folder; drop -o/--out")
-            config = resume_config(
-                resume, data=data, changed={**augment, **model, **optim}, **train
-            )
+            changed = {**augment, **model, **optim}
+            _refuse_changes_on_resume(resume, data=data, asked={**changed, **train})
+            config = resume_config(resume, data=data, changed=changed, **train)
         else:
             check_output(Path(out or _default_out(data)), folder=True)
             config = build_run_config(
@@ -302,6 +303,52 @@ def pretrain_command(
         _render(result)
     if result.interrupted:
         raise typer.Exit(code=130)  # like any program stopped by Ctrl-C: scripts must not go on
+
+
+# Config fields whose option is not "--" plus the field name with dashes.
+_OPTION_OF_FIELD = {
+    "base_lr": "--lr",
+    "global_batch_size": "--batch-size",
+    "crop_area": "--crop-min-area",
+    "num_workers": "--workers",
+    "small_stem": "--small-stem/--standard-stem",
+    "sync_batchnorm": "--sync-bn",
+    "encoder_batchnorm": "--encoder-bn",
+}
+
+
+def _option(field_name: str) -> str:
+    return _OPTION_OF_FIELD.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+def _refuse_changes_on_resume(run: Path, *, data: Path | None, asked: dict[str, object]) -> None:
+    """Refuse, naming the options, settings that would change the run being resumed.
+
+    The engine refuses the same changes by their config names (base_lr, global_batch_size),
+    which are not what the user typed; this check runs first so the message names `--lr`.
+    """
+    from simclr_cli.engine.pretrain import RESUMABLE_FIELDS, resume_config
+
+    saved = resume_config(run, data=data)  # also checks the folder and the data argument
+    saved_values = {k: _plain(v) for part in saved.to_dict().values() for k, v in part.items()}
+    # Repeating a run's own value is harmless.
+    refused = [
+        _option(name)
+        for name, value in asked.items()
+        if name not in RESUMABLE_FIELDS and _plain(value) != saved_values.get(name)
+    ]
+    if refused:
+        raise ConfigError(
+            f"cannot change {', '.join(sorted(refused))} when resuming: that would silently "
+            "change the run; start a new run instead (resume may change --epochs, --device, "
+            "--workers, --cache-limit-gb, --checkpoint-minutes, --strict, --max-pixels, "
+            "--dist-backend and the number of processes)"
+        )
+
+
+def _plain(value: object) -> object:
+    """Tuples as lists, so a value from the command line compares equal to a saved one."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _required(data: Path | None) -> str:
@@ -325,13 +372,15 @@ def _render(result: PretrainResult) -> None:
         f"last epoch's mean loss {result.final_loss:.4f}, {result.num_images} images "
         f"({len(result.skipped)} skipped) in {result.seconds / 60:.1f} min",
         highlight=False,
+        markup=False,
     )
-    console.print(f"run folder: {result.run_dir}", highlight=False)
+    console.print(f"run folder: {result.run_dir}", highlight=False, markup=False)
     if not result.interrupted:
         console.print(
             f"encoder: {result.run_dir / 'model.safetensors'} (+ config.json); "
             f"loss curve: {result.run_dir / 'loss.png'}",
             highlight=False,
+            markup=False,
         )
 
 
@@ -357,8 +406,6 @@ def _launch(devices: int, *, out: Path | None) -> None:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    from simclr_cli.console import error_console
 
     arguments = _without_devices(sys.argv[1:])
     named = any(a in ("-o", "--out", "--resume") or a.startswith("--out=") for a in arguments)
@@ -386,10 +433,8 @@ def _launch(devices: int, *, out: Path | None) -> None:
         codes = {f.exitcode for f in failure.failures.values()}
         code = 130 if 130 in codes else 1  # an interrupt stays an interrupt for scripts
         if not codes <= {1, 130}:  # 1 and 130 were already explained by rank 0
-            error_console().print(
-                f"[bold red]error:[/] a training process failed (exit codes {sorted(codes)}); "
-                "see its messages above",
-                highlight=False,
+            print_error(
+                f"a training process failed (exit codes {sorted(codes)}); see its messages above"
             )
         raise typer.Exit(code=code) from None
     except SignalException:  # Ctrl-C or SIGTERM: the launcher has stopped the workers by now

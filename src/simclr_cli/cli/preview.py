@@ -66,6 +66,7 @@ def augment_preview_command(
         f"{result.original_size[1]}) and {pairs} pair{'s' if pairs != 1 else ''} of views at "
         f"{augment.image_size} px",
         highlight=False,
+        markup=False,
     )
     if show:
         _show_in_terminal(result.path)
@@ -103,7 +104,7 @@ def _show_in_terminal(png: Path) -> None:
 
     console = output_console()
     if not console.is_terminal:
-        console.print("(--show draws only on a terminal)", highlight=False)
+        console.print("(--show draws only on a terminal)", highlight=False, markup=False)
         return
     with Image.open(png) as image:
         rgb = image.convert("RGB")

@@ -51,4 +51,6 @@ def push_command(
             include_head=with_head,
             dataset=dataset,
         )
-    output_console().print(f"pushed {', '.join(result.files)} to {result.url}", highlight=False)
+    output_console().print(
+        f"pushed {', '.join(result.files)} to {result.url}", highlight=False, markup=False
+    )

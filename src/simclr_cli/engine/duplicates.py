@@ -168,7 +168,7 @@ def duplicates_sheet(
         titles.append(
             f"group {number}: {len(group.rows)} images" + (f" ({more} not shown)" if more else "")
         )
-    title = f"{len(groups)} groups of near-duplicates"
+    title = f"{len(groups)} group{'s' if len(groups) != 1 else ''} of near-duplicates"
     if len(groups) > len(shown):
         title += f"; the {len(shown)} largest shown"
     if not shown:

@@ -27,7 +27,7 @@ from simclr_cli.errors import CheckpointError, ConfigError, DataError
 if TYPE_CHECKING:
     from simclr_cli.models.export import LoadedModel
 
-__all__ = ["Embeddings", "embed_images", "load_embeddings"]
+__all__ = ["Embeddings", "QuerySkips", "embed_images", "load_embeddings"]
 
 
 @dataclass
@@ -168,17 +168,39 @@ def _read_meta(meta_path: Path, shape: tuple[int, ...]) -> dict[str, Any]:
     return meta
 
 
+@dataclass
+class QuerySkips(SkipLog):
+    """Unreadable query images: an error for a file the user named, skipped if found in a folder.
+
+    The error names the file alone: the commands that embed queries have no --strict.
+    """
+
+    skippable: frozenset[str] = frozenset()  # str(path) of the files found in query folders
+
+    def record(self, path: str, reason: str) -> None:
+        """Skip (and log) a file from a query folder; stop at a file named on its own."""
+        if path not in self.skippable:
+            raise DataError(f"{path}: {reason}")
+        super().record(path, reason)
+
+
 def embed_images(
-    embeddings: Embeddings, paths: Sequence[Path], *, device: str = "auto"
+    embeddings: Embeddings,
+    paths: Sequence[Path],
+    *,
+    device: str = "auto",
+    skip_log: SkipLog | None = None,
 ) -> torch.Tensor:
-    """Vectors (len(paths), D) of images outside the index, made as `embed` made the index.
+    """Vectors of images outside the index, made as `embed` made the index.
 
     Uses the model named in the index's `.json` and the same preprocessing and output
-    (features or projection) as `simclr embed`.
+    (features or projection) as `simclr embed`. An unreadable image is an error unless
+    `skip_log` skips it: the rows (n, D) are those of `paths` not in `skip_log.skipped`, in
+    order.
 
     Raises:
         CheckpointError: The index does not say which model made it, or that model is gone.
-        DataError: A query image cannot be read.
+        DataError: A query image cannot be read (and `skip_log` does not skip it).
     """
     from simclr_cli.engine.embed import iter_encoded
     from simclr_cli.models.export import load_model
@@ -200,12 +222,12 @@ def embed_images(
     projection = embeddings.meta.get("output") == "projection"
     _check_same_weights(embeddings, model, str(model_path), projection=projection)
     torch_device = resolve_device(device)
-    # Strict: a query the user named explicitly must not be dropped silently.
+    # By default every file counts as named: a query must not be dropped silently.
     data = ImageBatches(
         list(paths),
         canvas_size=int(model.config["preprocessing"]["decode_size"]),
         num_workers=0,
-        skip_log=SkipLog(strict=True),
+        skip_log=skip_log if skip_log is not None else QuerySkips(),
     )
     batches = iter_encoded(
         model,
@@ -214,7 +236,10 @@ def embed_images(
         precision=resolve_precision("auto", torch_device),
         projection=projection,
     )
-    vectors = torch.cat([rows for rows, _ in batches])  # (Q, D), in the order of `paths`
+    parts = [rows for rows, _ in batches]  # in the order of `paths`
+    if not parts:
+        return torch.zeros(0, embeddings.dim)
+    vectors = torch.cat(parts)  # (n, D)
     if vectors.shape[1] != embeddings.dim:
         raise CheckpointError(
             f"{model_path} now gives {vectors.shape[1]}-d vectors but the index holds "

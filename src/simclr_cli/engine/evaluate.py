@@ -102,9 +102,14 @@ def evaluate(
     started = time.monotonic()
     unknown = sorted(set(options.baselines) - set(BASELINES))
     if unknown:
-        raise ConfigError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
+        raise ConfigError(
+            f"unknown --baseline {', '.join(unknown)}; choose {' or '.join(BASELINES)}"
+        )
     if not options.knn_ks or min(options.knn_ks) < 1:
-        raise ConfigError("every k for kNN must be at least 1")
+        raise ConfigError("every -k (kNN neighbours) must be at least 1")
+    # exp(similarity / t) with t <= 0 ranks the least similar neighbours highest.
+    if not options.knn_temperature > 0:
+        raise ConfigError(f"--knn-temperature must be positive, got {options.knn_temperature:g}")
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)
     model = load_model(model_ref)

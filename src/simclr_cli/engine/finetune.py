@@ -162,8 +162,9 @@ def resume_finetune_config(run_dir: Path, **overrides: Any) -> FinetuneConfig:
             f"{path}: damaged or not a fine-tuning config ({type(error).__name__}); "
             "it cannot be resumed"
         ) from None
+    # FinetuneConfig's fields are the command's options with dashes (lr -> --lr).
     refused = sorted(
-        name
+        "--" + name.replace("_", "-")
         for name, value in overrides.items()
         if name not in RESUMABLE_FIELDS and value != getattr(saved, name)
     )
