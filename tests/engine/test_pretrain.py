@@ -111,9 +111,9 @@ def test_resume_refuses_settings_that_would_change_the_run(
     # More epochs is fine; another temperature or architecture is refused with the reason.
     result = pretrain(tiny_config(few_digits, tmp_path / "run", epochs=1))
     assert resume_config(result.run_dir, epochs=3).train.epochs == 3
-    with pytest.raises(ConfigError, match="cannot change temperature"):
+    with pytest.raises(ConfigError, match="cannot change --temperature"):
         resume_config(result.run_dir, temperature=0.1)
-    with pytest.raises(ConfigError, match="cannot change arch"):
+    with pytest.raises(ConfigError, match="cannot change --arch"):
         resume_config(result.run_dir, changed={"arch": "resnet50"})
     tampered = replace(
         tiny_config(few_digits, result.run_dir, epochs=1), augment=AugmentConfig(image_size=24)

@@ -283,9 +283,9 @@ def pretrain_command(
         if resume is not None:
             if out is not None:
                 raise ConfigError("--resume continues a run in its own folder; drop -o/--out")
-            changed = {**augment, **model, **optim}
-            _refuse_changes_on_resume(resume, data=data, asked={**changed, **train})
-            config = resume_config(resume, data=data, changed=changed, **train)
+            config = resume_config(
+                resume, data=data, changed={**augment, **model, **optim}, **train
+            )
         else:
             check_output(Path(out or _default_out(data)), folder=True)
             config = build_run_config(
@@ -303,52 +303,6 @@ def pretrain_command(
         _render(result)
     if result.interrupted:
         raise typer.Exit(code=130)  # like any program stopped by Ctrl-C: scripts must not go on
-
-
-# Config fields whose option is not "--" plus the field name with dashes.
-_OPTION_OF_FIELD = {
-    "base_lr": "--lr",
-    "global_batch_size": "--batch-size",
-    "crop_area": "--crop-min-area",
-    "num_workers": "--workers",
-    "small_stem": "--small-stem/--standard-stem",
-    "sync_batchnorm": "--sync-bn",
-    "encoder_batchnorm": "--encoder-bn",
-}
-
-
-def _option(field_name: str) -> str:
-    return _OPTION_OF_FIELD.get(field_name, "--" + field_name.replace("_", "-"))
-
-
-def _refuse_changes_on_resume(run: Path, *, data: Path | None, asked: dict[str, object]) -> None:
-    """Refuse, naming the options, settings that would change the run being resumed.
-
-    The engine refuses the same changes by their config names (base_lr, global_batch_size),
-    which are not what the user typed; this check runs first so the message names `--lr`.
-    """
-    from simclr_cli.engine.pretrain import RESUMABLE_FIELDS, resume_config
-
-    saved = resume_config(run, data=data)  # also checks the folder and the data argument
-    saved_values = {k: _plain(v) for part in saved.to_dict().values() for k, v in part.items()}
-    # Repeating a run's own value is harmless.
-    refused = [
-        _option(name)
-        for name, value in asked.items()
-        if name not in RESUMABLE_FIELDS and _plain(value) != saved_values.get(name)
-    ]
-    if refused:
-        raise ConfigError(
-            f"cannot change {', '.join(sorted(refused))} when resuming: that would silently "
-            "change the run; start a new run instead (resume may change --epochs, --device, "
-            "--workers, --cache-limit-gb, --checkpoint-minutes, --strict, --max-pixels, "
-            "--dist-backend and the number of processes)"
-        )
-
-
-def _plain(value: object) -> object:
-    """Tuples as lists, so a value from the command line compares equal to a saved one."""
-    return list(value) if isinstance(value, tuple) else value
 
 
 def _required(data: Path | None) -> str:

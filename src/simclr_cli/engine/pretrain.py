@@ -128,6 +128,23 @@ class _Loop:
     plotted_at: float = -math.inf  # when loss.png was last drawn (time.monotonic); not saved
 
 
+# Config fields whose command-line option is not "--" plus the field name with dashes.
+_OPTION_OF_FIELD = {
+    "base_lr": "--lr",
+    "global_batch_size": "--batch-size",
+    "crop_area": "--crop-min-area",
+    "num_workers": "--workers",
+    "small_stem": "--small-stem/--standard-stem",
+    "sync_batchnorm": "--sync-bn",
+    "encoder_batchnorm": "--encoder-bn",
+}
+
+
+def option_name(field_name: str) -> str:
+    """The option a user types for a config field (`base_lr` -> `--lr`)."""
+    return _OPTION_OF_FIELD.get(field_name, "--" + field_name.replace("_", "-"))
+
+
 def resume_config(
     run_dir: Path,
     *,
@@ -157,7 +174,7 @@ def resume_config(
     asked = {**(changed or {}), **overrides}
     # Repeating a run's own value is harmless; only real changes outside the safe set count.
     refused = sorted(
-        name
+        option_name(name)
         for name, value in asked.items()
         if name not in RESUMABLE_FIELDS and _plain(value) != _plain(saved_values.get(name))
     )
