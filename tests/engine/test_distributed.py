@@ -149,9 +149,9 @@ def test_resume_refuses_to_change_batchnorm_handling(few_digits: Path, tmp_path:
     run = tmp_path / "run"
     pretrain(_config(few_digits, run, epochs=1))
 
-    with pytest.raises(ConfigError, match="sync_batchnorm"):
+    with pytest.raises(ConfigError, match="--sync-bn"):
         resume_config(run, sync_batchnorm=False)
-    with pytest.raises(ConfigError, match="chunk_size"):
+    with pytest.raises(ConfigError, match="--chunk-size"):
         resume_config(run, chunk_size=4)
     assert resume_config(run, dist_backend="gloo").train.dist_backend == "gloo"
 
