@@ -3,7 +3,10 @@
 Writes 19 public-domain/CC photos (scikit-image, scikit-learn; docs/datasets.md) and three
 near-copies of each (JPEG quality 50, half size, 5% cut from every side) into PHOTOS, embeds
 them with each MODEL, and prints per model: the lowest similarity of a copy to its original,
-the highest similarity between different photos, and what the default threshold finds.
+the highest similarity between different photos, and what each threshold finds by the
+model alone and with the pixel check that `simclr duplicates` runs by default.
+`--pixel-scores` also prints the pixel check's lowest copy score and highest score between
+different photos over every pair of files (no model involved).
 `--centred T` (repeatable) also measures the cosine after subtracting the collection's mean
 unit vector (not what `simclr duplicates` uses; docs/neighbors.md says why).
 
@@ -23,6 +26,7 @@ from conftest import family, write_photos_with_copies  # noqa: E402
 from simclr_cli.engine.duplicates import DEFAULT_THRESHOLD, find_duplicates  # noqa: E402
 from simclr_cli.engine.embed import EmbedOptions, embed_folder  # noqa: E402
 from simclr_cli.engine.embeddings import load_embeddings  # noqa: E402
+from simclr_cli.engine.pixel_check import PixelChecker, match_score  # noqa: E402
 
 PHOTOS = (
     "astronaut", "brick", "camera", "cell", "chelsea", "coffee", "coins", "grass", "gravel",
@@ -66,7 +70,7 @@ def centred_rows(
         rows.append(
             f"| {name} | {copy_low:.4f} | {different[a, b]:.4f} ({families[a]} / "
             f"{families[b]}) | {threshold} | {found}/{len(copies)} | - "
-            f"| {len(mixed)} ({sum(len(names) for names in mixed)} photos) |"
+            f"| {len(mixed)} ({sum(len(names) for names in mixed)} photos) | - | - | - |"
         )
     return rows
 
@@ -105,22 +109,48 @@ def measure(
     different = np.where(same, -np.inf, similarity)
     a, b = np.unravel_index(np.argmax(different), different.shape)
     rows = []
-    for threshold in thresholds:
-        groups = find_duplicates(embeddings, threshold=threshold, method="exact")
+    checker = PixelChecker(embeddings.paths)  # one per model: thumbnails decoded once
+
+    def outcome(groups: list) -> str:
         group_of = {row: n for n, g in enumerate(groups) for row in g.rows}
         found = sum(1 for i, j in copies if i in group_of and group_of.get(j) == group_of[i])
         mixed = [g for g in groups if len({families[r] for r in g.rows}) > 1]
         photos_in_mixed = sum(len({families[r] for r in g.rows}) for g in mixed)
+        return f"{found}/{len(copies)} | {len(groups)} | {len(mixed)} ({photos_in_mixed} photos)"
+
+    for threshold in thresholds:
+        alone = find_duplicates(embeddings, threshold=threshold, method="exact")
+        checked = find_duplicates(embeddings, threshold=threshold, method="exact", checker=checker)
         rows.append(
             f"| {name} | {copy_low:.4f} | {different[a, b]:.4f} ({families[a]} / "
-            f"{families[b]}) | {threshold} | {found}/{len(copies)} | {len(groups)} "
-            f"| {len(mixed)} ({photos_in_mixed} photos) |"
+            f"{families[b]}) | {threshold} | {outcome(alone)} | {outcome(checked)} |"
         )
     if centred:
         shifted = unit - unit.mean(axis=0)
         shifted /= np.linalg.norm(shifted, axis=1, keepdims=True)
         rows += centred_rows(f"{name}, centred", shifted @ shifted.T, families, copies, centred)
     return rows
+
+
+def pixel_scores(photos: Path) -> str:
+    """The pixel check's score over every pair of files: copies' lowest, strangers' highest."""
+    paths = sorted(p for p in photos.iterdir() if p.is_file())
+    checker = PixelChecker(paths)
+    thumbnails = [checker._thumbnail(row) for row in range(len(paths))]
+    same: list[tuple[float, str, str]] = []
+    different: list[tuple[float, str, str]] = []
+    for i in range(len(paths)):
+        for j in range(i + 1, len(paths)):
+            first, second = thumbnails[i], thumbnails[j]
+            assert first is not None and second is not None
+            entry = (match_score(first, second), paths[i].name, paths[j].name)
+            (same if family(paths[i]) == family(paths[j]) else different).append(entry)
+    low, high = min(same), max(different)
+    return (
+        f"pixel check over {len(same) + len(different)} pairs: lowest between copies of one "
+        f"photo {low[0]:.3f} ({low[1]} / {low[2]}), highest between different photos "
+        f"{high[0]:.3f} ({high[1]} / {high[2]})"
+    )
 
 
 def main() -> None:
@@ -138,15 +168,21 @@ def main() -> None:
         help="embed with the projection head (embed --projection) instead of encoder features",
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/duplicates-benchmark"))
+    parser.add_argument(
+        "--pixel-scores", action="store_true", help="score every pair by pixels alone first"
+    )
     args = parser.parse_args()
     if not any(args.photos.glob("*.png")):
         write_photos_with_copies(args.photos, PHOTOS)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.pixel_scores:
+        print(pixel_scores(args.photos), flush=True)
     print(
         "| model | lowest copy-original cos | highest different-photo cos | threshold "
-        "| copies grouped with original | groups | groups mixing photos |"
+        "| model alone: copies grouped with original | groups | groups mixing photos "
+        "| with pixel check: copies grouped | groups | groups mixing photos |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for model in args.model:
         thresholds = args.threshold or [DEFAULT_THRESHOLD]
         for row in measure(

@@ -1,9 +1,11 @@
+import csv
 import re
 import shutil
 from pathlib import Path
 
 from typer.testing import CliRunner
 
+from conftest import family
 from simclr_cli.cli.app import app
 
 runner = CliRunner()
@@ -56,14 +58,36 @@ def test_duplicates_and_map_commands_write_their_files(photo_index: Path, tmp_pa
 def test_duplicates_warns_when_one_group_swallows_much_of_the_folder(
     photo_index: Path, tmp_path: Path
 ) -> None:
-    # At 0.9 the random encoder links different photos: most of the 32 images in one group.
+    # At 0.9 the random encoder links different photos: by the model alone, most of the 32
+    # images in one group.
+    out = tmp_path / "d.csv"
+    command = ["duplicates", "--index", str(photo_index), "-t", "0.9", "-o", str(out)]
+    result = runner.invoke(app, [*command, "--no-pixel-check"])
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.output.splitlines() if "largest group holds" in line]
+    assert len(warning) == 1 and "of 32 images at threshold 0.9" in warning[0]
+    assert "links from the model alone (--no-pixel-check)" in result.stdout
+
+
+def test_the_pixel_check_undoes_the_false_links_of_a_random_encoder(
+    photo_index: Path, tmp_path: Path
+) -> None:
+    # The same threshold with the check on (the default): each photo with its 3 copies.
     out = tmp_path / "d.csv"
     result = runner.invoke(
         app, ["duplicates", "--index", str(photo_index), "-t", "0.9", "-o", str(out)]
     )
     assert result.exit_code == 0, result.output
-    warning = [line for line in result.output.splitlines() if "largest group holds" in line]
-    assert len(warning) == 1 and "of 32 images at threshold 0.9" in warning[0]
+    assert "largest group holds" not in result.output
+    with out.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    groups: dict[str, set[str]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], set()).add(family(row["path"]))
+    assert len(rows) == 32 and len(groups) == 8
+    assert all(len(families) == 1 for families in groups.values())
+    checked = re.search(r"; (\d+) links checked by pixels, (\d+) rejected", result.stdout)
+    assert checked and int(checked.group(2)) > 0
 
 
 def test_a_mismatched_manifest_is_one_line_and_exit_1(photo_index: Path, tmp_path: Path) -> None:
@@ -174,7 +198,9 @@ def test_duplicates_counts_one_group_in_the_singular_and_draws_no_empty_sheet(
     result = runner.invoke(app, ["duplicates", "-i", str(one), "-t", "0.978", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("1 group holding 2 of 4 images at threshold 0.978;")
-    assert result.stdout.rstrip().endswith(f"drawn in {tmp_path / 'd.png'}")
+    assert f"drawn in {tmp_path / 'd.png'}; 1 link checked by pixels, 0 rejected" in (
+        result.stdout.replace("\n", " ")
+    )
 
     names = ["rocket.png", "astronaut.png", "coffee.png"]
     none = _index_of([photos_with_copies / n for n in names], tmp_path / "none", encoder_dir)

@@ -19,6 +19,7 @@ from simclr_cli.cli.neighbors import IndexOption, SearchOption
 
 if TYPE_CHECKING:
     from simclr_cli.engine.duplicates import DuplicateGroup
+    from simclr_cli.engine.pixel_check import PixelChecker
 
 
 def duplicates_command(
@@ -41,6 +42,17 @@ def duplicates_command(
         Path,
         typer.Option("--out", "-o", help="Groups as CSV; the sheet is written beside it as .png."),
     ] = Path("duplicates.csv"),
+    pixel_check: Annotated[
+        bool,
+        typer.Option(
+            "--pixel-check/--no-pixel-check",
+            help="Confirm each link from the images themselves: one must be found inside the "
+            "other, allowing re-encoding, resizing, mirroring, colour changes and crops that "
+            "keep about 70% of each side. Removes the false groups a model makes of "
+            "different pictures with similar content (two textures, say). Turn it off to "
+            "group by the model alone: burst shots, the same scene photographed twice.",
+        ),
+    ] = True,
     sheet_groups: Annotated[
         int, typer.Option("--sheet-groups", min=1, help="Largest groups drawn on the sheet.")
     ] = 20,
@@ -60,6 +72,7 @@ def duplicates_command(
         write_groups_csv,
     )
     from simclr_cli.engine.embeddings import load_embeddings
+    from simclr_cli.engine.pixel_check import PixelChecker
     from simclr_cli.engine.sheets import save_png
 
     setup_logging(verbose=verbose, quiet=quiet)
@@ -67,25 +80,49 @@ def duplicates_command(
     with user_errors():
         check_output(out, folder=False)
         embeddings = load_embeddings(index)
+        checker = PixelChecker(embeddings.paths) if pixel_check else None
         groups = find_duplicates(
             embeddings,
             threshold=threshold,
             method=search,
             device=resolve_device(device),
             reporter=make_reporter(quiet=quiet),
+            checker=checker,
         )
         write_groups_csv(groups, embeddings, out)
         sheet = out.with_suffix(".png")
         if groups:  # a sheet of no groups would be an empty picture
             save_png(duplicates_sheet(groups, embeddings, max_groups=sheet_groups), sheet)
     output_console().print(
-        _summary(groups, embeddings.rows, threshold, out, sheet, sheet_groups),
+        _summary(groups, embeddings.rows, threshold, out, sheet, sheet_groups) + _checked(checker),
         highlight=False,
         markup=False,
     )
+    if checker is not None and checker.unknown:
+        logging.getLogger("simclr_cli").warning(
+            "%d pair%s above the threshold could not be checked by pixels (%d unreadable "
+            "file%s, named above) and %s linked by the model alone",
+            checker.unknown,
+            "" if checker.unknown == 1 else "s",
+            len(checker.unreadable),
+            "" if len(checker.unreadable) == 1 else "s",
+            "was" if checker.unknown == 1 else "were",
+        )
     hint = oversized_group_hint(groups, embeddings.rows, threshold)
     if hint:
         logging.getLogger("simclr_cli").warning(hint)
+
+
+def _checked(checker: PixelChecker | None) -> str:
+    """The pixel check's part of the summary line."""
+    if checker is None:
+        return "; links from the model alone (--no-pixel-check)"
+    if not checker.checked:
+        return ""
+    return (
+        f"; {checker.checked} link{'s' if checker.checked != 1 else ''} checked by pixels, "
+        f"{checker.rejected} rejected as different pictures"
+    )
 
 
 def _summary(
@@ -99,7 +136,7 @@ def _summary(
     if not groups:
         earlier = f" ({sheet} is from an earlier run)" if sheet.exists() else ""
         return (
-            f"no near-duplicates among {rows} images at threshold {threshold:g}; {out} holds "
+            f"no near-duplicates among {rows} images at threshold {threshold:.10g}; {out} holds "
             f"only its header and no sheet was drawn{earlier}"
         )
     images = sum(len(group.rows) for group in groups)
@@ -107,5 +144,5 @@ def _summary(
     where = f"drawn in {sheet}" if drawn == len(groups) else f"the largest {drawn} drawn in {sheet}"
     return (
         f"{len(groups)} group{'s' if len(groups) != 1 else ''} holding {images} of {rows} "
-        f"images at threshold {threshold:g}; groups in {out}, {where}"
+        f"images at threshold {threshold:.10g}; groups in {out}, {where}"
     )

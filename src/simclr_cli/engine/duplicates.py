@@ -1,9 +1,10 @@
 """Groups of near-duplicate images: connected components of the "similar enough" graph.
 
-Two images are linked when the cosine similarity of their vectors is at least the threshold;
-a group is everything linked directly or through other members, so a chain of near-copies
-(original -> resized -> resized and cropped) lands in one group. The default threshold and
-what it means on real photos are in docs/neighbors.md.
+Two images are linked when the cosine similarity of their vectors is at least the threshold
+and, unless the caller turns it off, their pixels confirm it (engine/pixel_check.py: one
+image is found inside the other); a group is everything linked directly or through other
+members, so a chain of near-copies (original -> resized -> resized and cropped) lands in one
+group. The default thresholds and what they mean on real photos are in docs/neighbors.md.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 
 from simclr_cli.engine.embeddings import Embeddings
+from simclr_cli.engine.pixel_check import PixelChecker
 from simclr_cli.engine.progress import NullReporter, Reporter
 from simclr_cli.engine.search import pairs_above
 from simclr_cli.engine.sheets import Tile, draw_grid, load_thumbnails
@@ -25,6 +27,7 @@ from simclr_cli.errors import ConfigError, os_error_reason
 __all__ = [
     "DEFAULT_THRESHOLD",
     "DuplicateGroup",
+    "TooManyRejections",
     "duplicates_sheet",
     "find_duplicates",
     "oversized_group_hint",
@@ -40,6 +43,17 @@ DEFAULT_THRESHOLD = 0.97
 # barely trained encoders merged all 19 measured photos into one group) than real copies.
 SUSPICIOUS_GROUP_FRACTION = 0.2
 SUSPICIOUS_GROUP_SIZE = 5
+
+
+# Each rejected link costs a pixel check (about 15 ms on one CPU core). A model that links
+# most pairs of different images would make that hours on a large folder, so the check
+# gives up after this many rejections and says why.
+REJECTION_BUDGET_BASE = 5000
+REJECTION_BUDGET_PER_IMAGE = 5
+
+
+class TooManyRejections(ConfigError):
+    """The pixel check rejected so many links that the model, not the images, is the problem."""
 
 
 @dataclass(frozen=True)
@@ -81,13 +95,23 @@ def find_duplicates(
     method: str = "auto",
     device: torch.device | None = None,
     reporter: Reporter | None = None,
+    checker: PixelChecker | None = None,
 ) -> list[DuplicateGroup]:
-    """Groups of two or more rows, largest first (ties: most similar first, then row order)."""
+    """Groups of two or more rows, largest first (ties: most similar first, then row order).
+
+    With a `checker`, a pair above the threshold is linked only if its pixels confirm it, or
+    if either file can no longer be read (the checker counts those). Pairs already in one
+    group are not checked again: a group is confirmed through a chain of checked links.
+    """
     if not -1.0 <= threshold <= 1.0:
         raise ConfigError(f"the threshold is a cosine similarity in [-1, 1], got {threshold}")
     sets = _DisjointSets(embeddings.rows)
     best = np.full(embeddings.rows, -np.inf)
     reporter = reporter or NullReporter()
+    budget = REJECTION_BUDGET_BASE + REJECTION_BUDGET_PER_IMAGE * embeddings.rows
+    # Rejected pairs can still end up in one group through other links; they are few (the
+    # budget bounds them), so they are kept and looked at again once all links are made.
+    rejected: list[tuple[int, int, float]] = []
     reporter.start(task="duplicates", total=embeddings.rows, unit="row")
     for i, j, similarity in pairs_above(
         embeddings.vectors,
@@ -96,11 +120,38 @@ def find_duplicates(
         device=device,
         progress=lambda done: reporter.advance(completed=done, metrics={}),
     ):
-        for a, b, value in zip(i.tolist(), j.tolist(), similarity.tolist(), strict=True):
+        order = np.argsort(-similarity.numpy(), kind="stable")  # likeliest copies first
+        for a, b, value in zip(
+            i.numpy()[order].tolist(),
+            j.numpy()[order].tolist(),
+            similarity.numpy()[order].tolist(),
+            strict=True,
+        ):
+            linked = (
+                checker is None
+                or sets.find(a) == sets.find(b)
+                or checker.confirms(a, b) is not False
+            )
+            if not linked and checker is not None:
+                rejected.append((a, b, value))
+                if len(rejected) > budget:
+                    reporter.stop()
+                    raise TooManyRejections(
+                        f"{len(rejected)} of {checker.checked} pairs above threshold "
+                        f"{threshold:.10g} were different pictures by their pixels: this model "
+                        "scores unrelated images alike. Raise --threshold, embed with a "
+                        "better-trained model, or pass --no-pixel-check to group by the "
+                        "model alone"
+                    )
+                continue
             sets.union(a, b)
             best[a] = max(best[a], value)
             best[b] = max(best[b], value)
     reporter.stop()
+    for a, b, value in rejected:
+        if sets.find(a) == sets.find(b):
+            best[a] = max(best[a], value)
+            best[b] = max(best[b], value)
     members: dict[int, list[int]] = {}
     for row in np.flatnonzero(np.isfinite(best)).tolist():
         members.setdefault(sets.find(row), []).append(row)
@@ -121,7 +172,7 @@ def oversized_group_hint(groups: list[DuplicateGroup], total: int, threshold: fl
     if largest < max(SUSPICIOUS_GROUP_SIZE, SUSPICIOUS_GROUP_FRACTION * total):
         return None
     return (
-        f"the largest group holds {largest} of {total} images at threshold {threshold:g}. "
+        f"the largest group holds {largest} of {total} images at threshold {threshold:.10g}. "
         "Unless they really are copies of one picture, this model scores different images "
         "alike (random or briefly trained encoders do): check the sheet before deleting, "
         "raise --threshold, or embed with a better-trained model (docs/neighbors.md)"
