@@ -253,6 +253,30 @@ def test_eval_counts_skipped_files_and_reports_readable_images_per_class(
     assert sorted(Path(p).name for p in data["skipped"]) == ["cut.png", "empty.png"]
 
 
+def test_eval_warns_of_a_class_whose_every_file_is_unreadable(
+    encoder_dir: Path, few_digits: Path, digits_test_folder: Path, tmp_path: Path
+) -> None:
+    # Class 4's folder holds files, none of them an image: not an "empty class folder", but
+    # no less empty for the classifier, and the user is told so by name.
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli.app import app
+
+    train = tmp_path / "train"
+    shutil.copytree(few_digits, train)
+    for number, path in enumerate(sorted((train / "4").iterdir())):
+        path.write_bytes(b"" if number % 2 else b"not an image")
+    out = tmp_path / "eval"
+    command = ["eval", str(train), "--test", str(digits_test_folder), "-m", str(encoder_dir)]
+    result = CliRunner().invoke(app, [*command, "-k", "5", "-o", str(out), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "whose every image" in line]
+    assert len(lines) == 1 and "in the training split: 4 (" in lines[0]
+    data = json.loads((out / "eval.json").read_text())
+    assert data["data"]["train_per_class"]["4"] == 0
+    assert any("whose every image" in warning for warning in data["data"]["warnings"])
+
+
 def test_finetune_warns_of_empty_classes_and_counts_skips_of_both_splits(
     encoder_dir: Path, few_digits: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

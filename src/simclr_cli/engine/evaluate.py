@@ -168,6 +168,26 @@ def evaluate(
             for split_name in ("train", "test")
         }
 
+        if name == "model":
+            for split_name, split in (("training", train), (test_kind, test)):
+                found = split.counts()
+                lost = [
+                    class_name
+                    for class_name, usable in per_class[
+                        "train" if split_name == "training" else "test"
+                    ].items()
+                    if usable == 0 and found[class_name] > 0
+                ]
+                if lost:
+                    warning = (
+                        f"class folder(s) whose every image was unreadable in the "
+                        f"{split_name} split: {', '.join(lost)} (the skipped files are listed "
+                        "above); these classes are scored without any "
+                        f"{'training' if split_name == 'training' else 'test'} image"
+                    )
+                    logger.warning(warning)
+                    warnings.append(warning)
+
         # Phases 3-4: kNN and linear probe on the same features.
         reporter.message(f"{name}: kNN and linear probe")
         results[name] = _score(features["train"], features["test"], num_classes, options)
