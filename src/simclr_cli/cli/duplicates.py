@@ -31,10 +31,11 @@ def duplicates_command(
             "-t",
             min=-1.0,
             max=1.0,
-            help="Cosine similarity at or above which two images are linked (default 0.97). It "
-            "depends on the model: random or barely trained encoders put unrelated photos in "
-            "one group at 0.97 and need 0.99 or more (docs/neighbors.md). Check the sheet; "
-            "lower it to catch more copies, raise it for fewer false groups.",
+            help="Cosine similarity at or above which two images are candidate copies "
+            "(default 0.97); the pixel check then confirms or rejects each. Lower it to catch "
+            "more copies (more checks, slower). By the model alone (--no-pixel-check), random "
+            "or barely trained encoders put unrelated photos in one group at 0.97 and need "
+            "0.99 or more (docs/neighbors.md).",
             show_default=False,
         ),
     ] = None,
@@ -61,7 +62,7 @@ def duplicates_command(
     verbose: VerboseOption = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Find groups of near-duplicate images (linked above the threshold), largest first."""
+    """Find groups of near-duplicate images (similar to the model, confirmed by pixels)."""
     from simclr_cli.console import make_reporter, output_console, setup_logging
     from simclr_cli.device import resolve_device
     from simclr_cli.engine.duplicates import (
