@@ -149,3 +149,13 @@ def test_thumbnails_are_kept_for_a_bounded_number_of_files(texture_folder: Path)
         checker.confirms(a, b)
     assert len(checker._thumbnails) == 3
     assert checker.checked == len(paths) * (len(paths) - 1) // 2
+
+
+def test_strips_too_thin_to_search_are_compared_by_their_plain_thumbnails() -> None:
+    # A 512 x 5 strip becomes a 96 x 1 thumbnail: no template fits at any scale.
+    strip = _crop(photo("astronaut"), 0, 0.4, 1, 0.41)
+    assert strip.height <= 6
+    again = make_thumbnail(_jpeg(strip, 90))
+    assert match_score(make_thumbnail(strip), again) == 1.0
+    inverted = make_thumbnail(ImageOps.invert(strip))
+    assert match_score(make_thumbnail(strip), inverted) == 0.0

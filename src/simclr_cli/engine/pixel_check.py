@@ -89,10 +89,13 @@ def _window_sums(values: np.ndarray, height: int, width: int) -> np.ndarray:
     )
 
 
-def _best_placement(image: np.ndarray, template: np.ndarray) -> float:
-    """Highest normalised cross-correlation of `template` over every position inside `image`."""
+def _best_placement(image: np.ndarray, template: np.ndarray) -> float | None:
+    """Highest normalised cross-correlation of `template` over every position inside `image`.
+
+    None when the template fits at no scale (an image a few pixels thin, say).
+    """
     rows, cols = image.shape
-    best = -1.0
+    best: float | None = None
     spectrum = np.fft.rfft2(image)
     for scale in SCALES:
         height = round(template.shape[0] * scale)
@@ -122,17 +125,14 @@ def _best_placement(image: np.ndarray, template: np.ndarray) -> float:
             if not valid.any():
                 continue
             score = numerator[valid] / np.sqrt(spread[valid] * norm)
-            best = max(best, float(score.max()))
+            best = float(score.max()) if best is None else max(best, float(score.max()))
     return best
 
 
 def match_score(first: Thumbnail, second: Thumbnail) -> float:
     """How well one image is found inside the other: about 1 for copies, near 0 for strangers."""
     if first.flat or second.flat:
-        if first.flat and second.flat:
-            difference = float(np.abs(first.plain - second.plain).mean())
-            return 1.0 if difference < _FLAT_MEAN_DIFFERENCE else 0.0
-        return 0.0
+        return _plain_score(first, second) if first.flat and second.flat else 0.0
     scores = []
     for image, other in ((first.detail, second.detail), (second.detail, first.detail)):
         rows, cols = other.shape
@@ -141,8 +141,17 @@ def match_score(first: Thumbnail, second: Thumbnail) -> float:
         template = np.ascontiguousarray(
             other[top : rows - top, left : cols - left], dtype=np.float32
         )
-        scores.append(_best_placement(image.astype(np.float64), template))
-    return max(scores)
+        score = _best_placement(image.astype(np.float64), template)
+        if score is not None:
+            scores.append(score)
+    # Too thin to search at any scale (a 1000 x 10 strip): only the plain thumbnails remain.
+    return max(scores) if scores else _plain_score(first, second)
+
+
+def _plain_score(first: Thumbnail, second: Thumbnail) -> float:
+    """1 when the 16 x 16 thumbnails differ by less than a few grey levels on average, else 0."""
+    difference = float(np.abs(first.plain - second.plain).mean())
+    return 1.0 if difference < _FLAT_MEAN_DIFFERENCE else 0.0
 
 
 class PixelChecker:
@@ -177,7 +186,9 @@ class PixelChecker:
             self._thumbnails.move_to_end(row)
             return cached
         try:
-            image = decode_image(self.paths[row], draft_size=2 * THUMBNAIL_SIDE)
+            # No pixel limit of ours: `embed` already accepted this file, perhaps with a
+            # raised --max-pixels. Pillow's own bomb check still applies.
+            image = decode_image(self.paths[row], max_pixels=None, draft_size=2 * THUMBNAIL_SIDE)
         except ImageDecodeError as error:
             logger.warning(
                 "cannot check %s against its near-duplicates by pixels: %s",
