@@ -12,7 +12,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
-from simclr_cli.engine.progress import PlainReporter, Reporter
+from simclr_cli.engine.progress import PlainReporter, Reporter, format_metric
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -189,7 +189,7 @@ class RichReporter:
         """Move the bar and refresh the metrics text."""
         if self._progress is None:
             return
-        shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        shown = "  ".join(f"{k} {format_metric(v)}" for k, v in metrics.items())
         self._progress.update(self._task_id, completed=completed, metrics=shown)
 
     def message(self, text: str) -> None:

@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from conftest import family
 from simclr_cli.cli.app import app
+from simclr_cli.engine.embed import EmbedOptions, embed_folder
 
 runner = CliRunner()
 
@@ -213,3 +214,68 @@ def test_duplicates_counts_one_group_in_the_singular_and_draws_no_empty_sheet(
     # Into the folder of the run above: its sheet is still there, and the summary says whose.
     result = runner.invoke(app, ["duplicates", "-i", str(none), "-t", "0.978", "-o", str(out)])
     assert f"({tmp_path / 'd.png'} is from an earlier run)" in result.stdout
+
+
+def test_duplicates_refuses_outputs_it_would_lose_before_any_work(
+    photo_index: Path, tmp_path: Path
+) -> None:
+    # -o x.png: the sheet would overwrite the CSV. -o an existing folder: refused at once.
+    result = runner.invoke(
+        app, ["duplicates", "-i", str(photo_index), "-o", str(tmp_path / "x.png")]
+    )
+    assert result.exit_code == 1
+    assert "give " + str(tmp_path / "x.csv") in result.output and "Traceback" not in result.output
+    (tmp_path / "folder").mkdir()
+    result = runner.invoke(
+        app, ["duplicates", "-i", str(photo_index), "-o", str(tmp_path / "folder")]
+    )
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'folder'} is a folder; -o/--out names a file there" in result.output
+    assert "duplicates: row" not in result.output  # no search was started
+
+
+def test_an_index_without_its_json_is_refused(photo_index: Path, tmp_path: Path) -> None:
+    # vecs.json names the embedded folder the manifest's files must lie in; without it an
+    # edited manifest could point the commands at any file.
+    for suffix in (".npy", ".manifest.csv"):
+        shutil.copy(photo_index.with_suffix(suffix), tmp_path / f"v{suffix}")
+    for command in (["duplicates"], ["map"]):
+        result = runner.invoke(
+            app, [*command, "-i", str(tmp_path / "v.npy"), "-o", str(tmp_path / "out.csv")]
+        )
+        assert result.exit_code == 1
+        assert f"{tmp_path / 'v.json'}: not found" in result.output
+
+
+def test_a_deleted_copy_is_named_left_out_and_merges_nothing(
+    photos_with_copies: Path, encoder_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for file in photos_with_copies.iterdir():
+        if family(file) in ("coffee", "rocket"):
+            shutil.copy(file, folder / file.name)
+    index = tmp_path / "v.npy"
+    embed_folder(folder, encoder_dir, index, options=EmbedOptions(num_workers=0))
+    (folder / "coffee__jpeg.jpg").unlink()
+    out = tmp_path / "d.csv"
+    result = runner.invoke(app, ["duplicates", "-i", str(index), "-t", "0.5", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if "left out of every group" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: 1 file could not be read")
+    with out.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert "coffee__jpeg.jpg" not in {Path(row["path"]).name for row in rows}
+    groups: dict[str, set[str]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], set()).add(family(row["path"]))
+    assert sorted(groups.values(), key=sorted) == [{"coffee"}, {"rocket"}]
+
+
+def test_the_pixel_check_shows_its_counts_while_it_works(photo_index: Path, tmp_path: Path) -> None:
+    # Piped output (CliRunner is not a terminal): plain lines with checked/rejected counts.
+    result = runner.invoke(
+        app, ["duplicates", "-i", str(photo_index), "-t", "0.9", "-o", str(tmp_path / "d.csv")]
+    )
+    assert result.exit_code == 0, result.output
+    assert re.search(r"duplicates: row 32/32 \(100%\) checked \d+ rejected \d+", result.output)

@@ -122,6 +122,8 @@ def check_output(path: Path, *, folder: bool) -> None:
     """
     if folder and path.exists() and not path.is_dir():
         raise ConfigError(f"{path} is a file; -o/--out needs a folder there")
+    if not folder and path.is_dir():
+        raise ConfigError(f"{path} is a folder; -o/--out names a file there")
     problem = output_location_problem(path)
     if problem:
         raise ConfigError(f"cannot write {path}: {problem}")

@@ -75,10 +75,16 @@ def duplicates_command(
     from simclr_cli.engine.embeddings import load_embeddings
     from simclr_cli.engine.pixel_check import PixelChecker
     from simclr_cli.engine.sheets import save_png
+    from simclr_cli.errors import ConfigError
 
     setup_logging(verbose=verbose, quiet=quiet)
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
     with user_errors():
+        if out.suffix.lower() == ".png":  # the sheet would overwrite the CSV
+            raise ConfigError(
+                f"-o/--out names the CSV and the sheet goes beside it as .png; {out} would be "
+                f"both: give {out.with_suffix('.csv')}"
+            )
         check_output(out, folder=False)
         embeddings = load_embeddings(index)
         checker = PixelChecker(embeddings.paths) if pixel_check else None
@@ -99,15 +105,14 @@ def duplicates_command(
         highlight=False,
         markup=False,
     )
-    if checker is not None and checker.unknown:
+    if checker is not None and checker.unreadable:
+        count = len(checker.unreadable)
         logging.getLogger("simclr_cli").warning(
-            "%d pair%s above the threshold could not be checked by pixels (%d unreadable "
-            "file%s, named above) and %s linked by the model alone",
-            checker.unknown,
-            "" if checker.unknown == 1 else "s",
-            len(checker.unreadable),
-            "" if len(checker.unreadable) == 1 else "s",
-            "was" if checker.unknown == 1 else "were",
+            "%d file%s could not be read for the pixel check (named above; moved, deleted or "
+            "changed since simclr embed) and %s left out of every group",
+            count,
+            "" if count == 1 else "s",
+            "was" if count == 1 else "were",
         )
     hint = oversized_group_hint(groups, embeddings.rows, threshold)
     if hint:

@@ -10,6 +10,7 @@ group. The default thresholds and what they mean on real photos are in docs/neig
 from __future__ import annotations
 
 import csv
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,10 +48,10 @@ SUSPICIOUS_GROUP_SIZE = 5
 
 # Each rejected link costs a pixel check (about 15 ms on one CPU core). A model that links
 # most pairs of different images would make that hours on a large folder, so the check
-# gives up after this many rejections and says why: 2,000 + 2 per image, about 6 minutes
+# gives up after this many rejections and says why: 1,000 + 1 per image, about 3 minutes
 # of checks on a folder of 10,000 images.
-REJECTION_BUDGET_BASE = 2000
-REJECTION_BUDGET_PER_IMAGE = 2
+REJECTION_BUDGET_BASE = 1000
+REJECTION_BUDGET_PER_IMAGE = 1
 
 
 class TooManyRejections(ConfigError):
@@ -100,9 +101,10 @@ def find_duplicates(
 ) -> list[DuplicateGroup]:
     """Groups of two or more rows, largest first (ties: most similar first, then row order).
 
-    With a `checker`, a pair above the threshold is linked only if its pixels confirm it, or
-    if either file can no longer be read (the checker counts those). Pairs already in one
-    group are not checked again: a group is confirmed through a chain of checked links.
+    With a `checker`, a pair above the threshold is linked only if its pixels confirm it; a
+    pair with a file that can no longer be read is not linked (the checker counts those: a
+    deleted copy must not be listed, nor join its neighbours into one group). Pairs already
+    in one group are not checked again: a group is confirmed through a chain of checked links.
     """
     if not -1.0 <= threshold <= 1.0:
         raise ConfigError(f"the threshold is a cosine similarity in [-1, 1], got {threshold}")
@@ -113,13 +115,28 @@ def find_duplicates(
     # Rejected pairs can still end up in one group through other links; they are few (the
     # budget bounds them), so they are kept and looked at again once all links are made.
     rejected: list[tuple[int, int, float]] = []
+    rows_done = 0
+    last_report = time.monotonic()
+
+    def report(done: int | None = None) -> None:
+        nonlocal rows_done, last_report
+        rows_done = rows_done if done is None else done
+        metrics: dict[str, float] = {}
+        if checker is not None:
+            metrics = {"checked": checker.checked, "rejected": len(rejected)}
+        reporter.advance(completed=rows_done, metrics=metrics)
+        last_report = time.monotonic()
+
     reporter.start(task="duplicates", total=embeddings.rows, unit="row")
     for i, j, similarity in pairs_above(
         embeddings.vectors,
         threshold,
         method=method,
         device=device,
-        progress=lambda done: reporter.advance(completed=done, metrics={}),
+        # Smaller chunks with the pixel check, whose time per chunk can be long, so that the
+        # row count moves too; the checked/rejected counts move every second regardless.
+        chunk_rows=4096 if checker is None else 256,
+        progress=report,
     ):
         order = np.argsort(-similarity.numpy(), kind="stable")  # likeliest copies first
         for a, b, value in zip(
@@ -128,23 +145,24 @@ def find_duplicates(
             similarity.numpy()[order].tolist(),
             strict=True,
         ):
-            linked = (
-                checker is None
-                or sets.find(a) == sets.find(b)
-                or checker.confirms(a, b) is not False
-            )
-            if not linked and checker is not None:
-                rejected.append((a, b, value))
-                if len(rejected) > budget:
-                    reporter.stop()
-                    raise TooManyRejections(
-                        f"{len(rejected)} of {checker.checked} pairs above threshold "
-                        f"{threshold:.10g} were different pictures by their pixels: this model "
-                        "scores unrelated images alike. Raise --threshold, embed with a "
-                        "better-trained model, or pass --no-pixel-check to group by the "
-                        "model alone"
-                    )
-                continue
+            if checker is not None and sets.find(a) != sets.find(b):
+                verdict = checker.confirms(a, b)
+                if time.monotonic() - last_report >= 1.0:
+                    report()
+                if verdict is None:  # a file gone or broken since embed: never grouped
+                    continue
+                if not verdict:
+                    rejected.append((a, b, value))
+                    if len(rejected) > budget:
+                        reporter.stop()
+                        raise TooManyRejections(
+                            f"stopped after checking {checker.checked} pairs above threshold "
+                            f"{threshold:.10g}: {len(rejected)} of them were different "
+                            "pictures by their pixels, so this model scores unrelated images "
+                            "alike. Raise --threshold, embed with a better-trained model, or "
+                            "pass --no-pixel-check to group by the model alone"
+                        )
+                    continue
             sets.union(a, b)
             best[a] = max(best[a], value)
             best[b] = max(best[b], value)

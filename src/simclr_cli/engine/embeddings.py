@@ -64,7 +64,7 @@ class Embeddings:
 
 
 def load_embeddings(array_path: Path) -> Embeddings:
-    """Open `<name>.npy` with its `<name>.manifest.csv` (required) and `<name>.json` (if any).
+    """Open `<name>.npy` with its `<name>.manifest.csv` and `<name>.json` (both required).
 
     Raises:
         DataError: The array or manifest is missing or unreadable, or they do not match.
@@ -97,7 +97,12 @@ def _check_inside(manifest: Path, paths: Sequence[Path], data_dir: object) -> No
     read files outside the embedded folder. Paths are compared as written, not resolved:
     embed lists files under their folder's own name, symlinked subfolders included.
     """
-    root = os.path.abspath(str(data_dir)) if isinstance(data_dir, str) and data_dir else None
+    if not isinstance(data_dir, str) or not data_dir:
+        raise DataError(
+            f"{manifest.with_suffix('').with_suffix('.json')}: names no embedded folder "
+            "(data_dir); it was edited or not written by simclr embed: run it again"
+        )
+    root = os.path.abspath(data_dir)
     for path in paths:
         text = str(path)
         if ".." in path.parts or not path.is_absolute():
@@ -105,7 +110,7 @@ def _check_inside(manifest: Path, paths: Sequence[Path], data_dir: object) -> No
                 f"{manifest}: {text!r} is not an absolute path inside the embedded folder; "
                 "the manifest was edited or not written by simclr embed: run it again"
             )
-        if root is not None and os.path.commonpath([root, text]) != root:
+        if os.path.commonpath([root, text]) != root:
             raise DataError(
                 f"{manifest}: {text} lies outside the embedded folder {root}; the manifest "
                 "was edited or belongs to another index: run simclr embed again"
@@ -152,8 +157,13 @@ def _mismatch(manifest: Path, rows: int, detail: str) -> DataError:
 
 
 def _read_meta(meta_path: Path, shape: tuple[int, ...]) -> dict[str, Any]:
+    # Required: it names the folder the manifest's files must lie in (see _check_inside);
+    # without it an edited manifest could point the commands at any file on the machine.
     if not meta_path.is_file():
-        return {}
+        raise DataError(
+            f"{meta_path}: not found; simclr embed writes it beside the array (it names the "
+            "model and the embedded folder): run simclr embed again"
+        )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:

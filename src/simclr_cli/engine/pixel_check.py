@@ -41,6 +41,9 @@ THUMBNAIL_SIDE = 96
 # about 0.68 .. 1.48. A 5% step keeps the scale error under 2.5%, below what decorrelates a
 # band-passed texture at this size.
 SCALES = tuple(1.05**step for step in range(-8, 9))
+# Copies are most often at scale 1 (re-encoded, resized) or near it (small crops): trying
+# those first lets a confirmed pair stop early.
+SCALES_BY_DISTANCE = tuple(sorted(SCALES, key=lambda scale: abs(np.log(scale))))
 TEMPLATE_FRACTION = 0.8
 _FINE_BLUR, _COARSE_BLUR = 0.7, 2.0
 # Band-passed thumbnails whose standard deviation is below this (grey levels) have no
@@ -77,27 +80,37 @@ def make_thumbnail(image: Image.Image) -> Thumbnail:
     return Thumbnail(detail=detail, plain=plain, flat=float(detail.std()) < _FLAT_STD)
 
 
-def _window_sums(values: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Sum of every height x width window that fits inside `values` (an integral image)."""
-    integral = np.zeros((values.shape[0] + 1, values.shape[1] + 1), dtype=np.float64)
-    integral[1:, 1:] = values.cumsum(0).cumsum(1)
-    return (
-        integral[height:, width:]
-        - integral[:-height, width:]
-        - integral[height:, :-width]
-        + integral[:-height, :-width]
+def _integral(values: np.ndarray) -> np.ndarray:
+    """Summed-area table with a zero first row and column."""
+    table = np.zeros((values.shape[0] + 1, values.shape[1] + 1), dtype=np.float64)
+    table[1:, 1:] = values.cumsum(0).cumsum(1)
+    return table
+
+
+def _window_sums(table: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Sum of every height x width window, from the summed-area table of the values."""
+    sums: np.ndarray = (
+        table[height:, width:]
+        - table[:-height, width:]
+        - table[height:, :-width]
+        + table[:-height, :-width]
     )
+    return sums
 
 
-def _best_placement(image: np.ndarray, template: np.ndarray) -> float | None:
+def _best_placement(
+    image: np.ndarray, template: np.ndarray, *, enough: float | None = None
+) -> float | None:
     """Highest normalised cross-correlation of `template` over every position inside `image`.
 
-    None when the template fits at no scale (an image a few pixels thin, say).
+    Scales are tried from 1 outwards; with `enough`, the search stops at the first score that
+    reaches it. None when the template fits at no scale (an image a few pixels thin, say).
     """
     rows, cols = image.shape
     best: float | None = None
     spectrum = np.fft.rfft2(image)
-    for scale in SCALES:
+    sums, squares = _integral(image), _integral(image * image)
+    for scale in SCALES_BY_DISTANCE:
         height = round(template.shape[0] * scale)
         width = round(template.shape[1] * scale)
         if height > rows or width > cols or min(height, width) < _MIN_TEMPLATE_SIDE:
@@ -107,30 +120,35 @@ def _best_placement(image: np.ndarray, template: np.ndarray) -> float | None:
             dtype=np.float64,
         )
         count = height * width
-        sum_1 = _window_sums(image, height, width)
-        sum_2 = _window_sums(image * image, height, width)
+        sum_1 = _window_sums(sums, height, width)
+        sum_2 = _window_sums(squares, height, width)
         # Sum of squared deviations inside each window; windows over flat areas (no structure
         # to match) are left out rather than divided by almost nothing.
         spread = sum_2 - sum_1 * sum_1 / count
+        valid = spread > count * _FLAT_STD**2
+        if not valid.any():
+            continue
         for candidate in (resized, resized[:, ::-1]):
             centred = candidate - candidate.mean()
             norm = float((centred * centred).sum())
             if norm <= count * _FLAT_STD**2:
                 continue
-            product = np.fft.irfft2(
-                spectrum * np.conj(np.fft.rfft2(centred, s=image.shape)), s=image.shape
-            )
+            template_spectrum = np.fft.rfft2(centred, s=image.shape)
+            product = np.fft.irfft2(spectrum * np.conj(template_spectrum), s=image.shape)
             numerator = product[: rows - height + 1, : cols - width + 1]
-            valid = spread > count * _FLAT_STD**2
-            if not valid.any():
-                continue
-            score = numerator[valid] / np.sqrt(spread[valid] * norm)
-            best = float(score.max()) if best is None else max(best, float(score.max()))
+            score = float((numerator[valid] / np.sqrt(spread[valid] * norm)).max())
+            best = score if best is None else max(best, score)
+            if enough is not None and best >= enough:
+                return best
     return best
 
 
-def match_score(first: Thumbnail, second: Thumbnail) -> float:
-    """How well one image is found inside the other: about 1 for copies, near 0 for strangers."""
+def match_score(first: Thumbnail, second: Thumbnail, *, enough: float | None = None) -> float:
+    """How well one image is found inside the other: about 1 for copies, near 0 for strangers.
+
+    With `enough`, the search may stop at the first score that reaches it (enough to decide
+    a threshold); the score is then a lower bound of the full search's.
+    """
     if first.flat or second.flat:
         return _plain_score(first, second) if first.flat and second.flat else 0.0
     scores = []
@@ -141,9 +159,11 @@ def match_score(first: Thumbnail, second: Thumbnail) -> float:
         template = np.ascontiguousarray(
             other[top : rows - top, left : cols - left], dtype=np.float32
         )
-        score = _best_placement(image.astype(np.float64), template)
+        score = _best_placement(image.astype(np.float64), template, enough=enough)
         if score is not None:
             scores.append(score)
+            if enough is not None and score >= enough:
+                break
     # Too thin to search at any scale (a 1000 x 10 strip): only the plain thumbnails remain.
     return max(scores) if scores else _plain_score(first, second)
 
@@ -209,6 +229,6 @@ class PixelChecker:
             self.unknown += 1
             return None
         self.checked += 1
-        confirmed = match_score(a, b) >= self.threshold
+        confirmed = match_score(a, b, enough=self.threshold) >= self.threshold
         self.rejected += not confirmed
         return confirmed

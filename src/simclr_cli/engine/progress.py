@@ -62,7 +62,7 @@ class PlainReporter:
         done = completed - self._start_completed
         rate = done / max(now - self._start_time, 1e-9)
         eta = (self._total - completed) / rate if rate > 0 else 0.0
-        shown = " ".join(f"{k} {_format_number(v)}" for k, v in metrics.items())
+        shown = " ".join(f"{k} {format_metric(v)}" for k, v in metrics.items())
         percent = 100.0 * completed / max(self._total, 1)
         self._write(
             f"{self._task}: {self._unit} {completed}/{self._total} ({percent:.0f}%) {shown} "
@@ -97,7 +97,10 @@ class NullReporter:
         """Ignore."""
 
 
-def _format_number(value: float) -> str:
+def format_metric(value: float) -> str:
+    """Counts as integers; other values with 4 significant digits, tiny or huge ones in e-form."""
+    if isinstance(value, int):
+        return str(value)
     if value == 0 or 1e-3 <= abs(value) < 1e4:
         return f"{value:.4g}"
     return f"{value:.3e}"
