@@ -88,3 +88,26 @@ def test_progress_is_reported_up_to_every_row(photo_index: Path) -> None:
     find_duplicates(embeddings, threshold=0.99, method="exact", reporter=recorder)
     assert recorder.events[0] == ("start", 32) and recorder.events[-1] == ("stop", 0)
     assert recorder.events[-2] == ("advance", 32)
+
+
+def test_a_large_group_is_drawn_from_across_its_members(
+    photo_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 32-image group: the 8 drawn are spread over it (several photos visible), not the
+    # first 8 files (astronaut's and brick's only), so a mixed group cannot look clean.
+    from simclr_cli.engine import duplicates as module
+    from simclr_cli.engine.duplicates import DuplicateGroup
+
+    embeddings = load_embeddings(photo_index)
+    drawn: list[Path] = []
+
+    def record(paths: list[Path], size: int) -> list[None]:
+        drawn.extend(paths)
+        return [None] * len(paths)
+
+    monkeypatch.setattr(module, "load_thumbnails", record)
+    rows = sorted(range(embeddings.rows), key=lambda row: embeddings.paths[row].name)
+    duplicates_sheet([DuplicateGroup(rows, [0.99] * len(rows))], embeddings, max_per_group=8)
+    assert len(drawn) == 8
+    assert drawn[0] == embeddings.paths[rows[0]] and drawn[-1] == embeddings.paths[rows[-1]]
+    assert len({family(path) for path in drawn}) >= 6

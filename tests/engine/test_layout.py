@@ -82,3 +82,32 @@ def test_auto_layout_uses_umap_when_installed_and_keeps_copies_close(photo_index
     families = [p.stem.split("__")[0] for p in embeddings.paths]
     same = np.array([[a == b for b in families] for a in families]) & ~np.eye(32, dtype=bool)
     assert np.median(distance[same]) < np.median(distance[~same & ~np.eye(32, dtype=bool)]) / 3
+
+
+def test_map_thumbnails_never_overlap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 400 rows crowded into clusters: every thumbnail pasted on the map has its own square.
+    from simclr_cli.engine import layout as module
+
+    generator = np.random.default_rng(0)
+    centres = generator.random((6, 2))
+    positions = np.clip(
+        centres[generator.integers(0, 6, 400)] + generator.normal(0, 0.05, (400, 2)), 0, 1
+    )
+    pasted: list[tuple[int, int, int, int]] = []
+    real_paste = Image.Image.paste
+
+    def record(self: Image.Image, image: Image.Image, box: tuple[int, int]) -> None:
+        pasted.append((box[0], box[1], box[0] + image.width, box[1] + image.height))
+        real_paste(self, image, box)
+
+    monkeypatch.setattr(
+        module, "load_thumbnails", lambda paths, size: [Image.new("RGB", (size, size))] * len(paths)
+    )
+    monkeypatch.setattr(Image.Image, "paste", record)
+    layout = module.MapLayout(positions=positions, method="pca", description="test")
+    paths = [tmp_path / f"{row}.png" for row in range(400)]
+    module.draw_map_png(layout, paths, tmp_path / "map.png", size=800, thumb_size=64)
+    assert len(pasted) >= 20
+    for number, (left, top, right, bottom) in enumerate(pasted):
+        for other in pasted[number + 1 :]:
+            assert right <= other[0] or other[2] <= left or bottom <= other[1] or other[3] <= top

@@ -222,11 +222,19 @@ def duplicates_sheet(
     max_per_group: int = 8,
     tile_size: int = 128,
 ) -> Image.Image:
-    """The largest groups, one row each: members captioned with their best similarity."""
+    """The largest groups, one row each: members captioned with their best similarity.
+
+    A group larger than `max_per_group` shows members spread evenly over its row order.
+    """
     shown = groups[:max_groups]
     rows, titles = [], []
     for number, group in enumerate(shown, start=1):
-        members = list(zip(group.rows, group.best_similarity, strict=True))[:max_per_group]
+        members = list(zip(group.rows, group.best_similarity, strict=True))
+        if len(members) > max_per_group:
+            # Spread over the whole group, not its first files: a group that mixes different
+            # pictures must not look clean because its first members are alike.
+            picks = np.linspace(0, len(members) - 1, max_per_group).round().astype(int)
+            members = [members[pick] for pick in picks.tolist()]
         thumbs = load_thumbnails([embeddings.paths[row] for row, _ in members], tile_size)
         rows.append(
             [

@@ -156,11 +156,18 @@ def draw_map_png(
     pixels[:, 1] += top
     for x, y in pixels:
         draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(150, 150, 150))
-    chosen = spread_sample(layout.positions, cells=max(1, size // thumb_size), limit=max_thumbnails)
+    # Each thumbnail is drawn at the centre of its grid cell (at most half a cell from its dot,
+    # which stays at the exact position), and a cell is wider than a framed thumbnail, so no
+    # two thumbnails overlap.
+    span = size - 2 * margin
+    cells = max(1, span // (thumb_size + 4))
+    chosen = spread_sample(layout.positions, cells=cells, limit=max_thumbnails)
+    cell_of = np.minimum((layout.positions * cells).astype(np.int64), cells - 1)
     for row, thumb in zip(
         chosen, load_thumbnails([paths[r] for r in chosen], thumb_size), strict=True
     ):
-        x, y = pixels[row]
+        x, y = margin + (cell_of[row] + 0.5) / cells * span
+        y += top
         if thumb is None:
             draw.rectangle((x - 6, y - 6, x + 6, y + 6), outline=ACCENT, width=2)
             continue
