@@ -279,3 +279,22 @@ def test_the_pixel_check_shows_its_counts_while_it_works(photo_index: Path, tmp_
     )
     assert result.exit_code == 0, result.output
     assert re.search(r"duplicates: row 32/32 \(100%\) checked \d+ rejected \d+", result.output)
+
+
+def test_neighbors_marks_a_neighbour_whose_file_is_gone(
+    photos_with_copies: Path, encoder_dir: Path, tmp_path: Path
+) -> None:
+    names = ["coffee.png", "coffee__jpeg.jpg", "coffee__half.png", "rocket.png"]
+    index = _index_of([photos_with_copies / n for n in names], tmp_path / "photos", encoder_dir)
+    (tmp_path / "photos" / "coffee__jpeg.jpg").unlink()
+    query = tmp_path / "photos" / "coffee.png"
+    result = runner.invoke(
+        app, ["neighbors", str(query), "-i", str(index), "-k", "3", "-o", str(tmp_path / "n.png")]
+    )
+    assert result.exit_code == 0, result.output
+    ranked = [line for line in result.stdout.splitlines() if line.startswith("    ")]
+    assert len(ranked) == 3
+    assert [line.endswith("coffee__jpeg.jpg  (missing since embed)") for line in ranked].count(
+        True
+    ) == 1
+    assert sum("missing since embed" in line for line in ranked) == 1

@@ -81,8 +81,10 @@ def neighbors_command(
         where = "in the index" if result.in_index else "embedded with the index's model"
         console.print(f"{result.query} ({where}); sheet: {sheet}", highlight=False, markup=False)
         for rank, (row, similarity) in enumerate(result.neighbors, start=1):
+            # The index may outlive its files; say so rather than list a path that is gone.
+            gone = "" if embeddings.paths[row].exists() else "  (missing since embed)"
             console.print(
-                f"  {rank:>3}  {similarity:.4f}  {embeddings.paths[row]}",
+                f"  {rank:>3}  {similarity:.4f}  {embeddings.paths[row]}{gone}",
                 highlight=False,
                 markup=False,
             )

@@ -191,7 +191,14 @@ def neighbor_sheet(
     thumbs = load_thumbnails(paths, tile_size)
     tiles = [Tile(thumbs[0], ("query", result.query.name), highlight=True)]
     tiles += [
-        Tile(thumb, (f"{rank}. cos {similarity:.4f}", embeddings.paths[row].name))
+        Tile(
+            thumb,
+            (
+                f"{rank}. cos {similarity:.4f}",
+                embeddings.paths[row].name,
+                *(() if embeddings.paths[row].exists() else ("(missing since embed)",)),
+            ),
+        )
         for rank, (thumb, (row, similarity)) in enumerate(
             zip(thumbs[1:], result.neighbors, strict=True), start=1
         )
