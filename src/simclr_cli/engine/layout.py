@@ -138,6 +138,21 @@ def spread_sample(positions: npt.NDArray[np.float64], *, cells: int, limit: int)
     return sorted(ranked[:limit].tolist())
 
 
+def thumbnail_grid(
+    positions: npt.NDArray[np.float64], *, span: float, thumb_size: int, limit: int
+) -> tuple[list[int], npt.NDArray[np.float64]]:
+    """Rows to draw as thumbnails and, for every row, the centre of its grid cell (0..span).
+
+    A thumbnail is drawn at its cell's centre (at most half a cell from its dot, which stays
+    at the exact position), and a cell is wider than a framed thumbnail, so no two overlap.
+    """
+    cells = max(1, int(span // (thumb_size + 4)))
+    chosen = spread_sample(positions, cells=cells, limit=limit)
+    cell = np.minimum((positions * cells).astype(np.int64), cells - 1)
+    centres: npt.NDArray[np.float64] = (cell + 0.5) / cells * span
+    return chosen, centres
+
+
 def draw_map_png(
     layout: MapLayout,
     paths: list[Path],
@@ -156,17 +171,13 @@ def draw_map_png(
     pixels[:, 1] += top
     for x, y in pixels:
         draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(150, 150, 150))
-    # Each thumbnail is drawn at the centre of its grid cell (at most half a cell from its dot,
-    # which stays at the exact position), and a cell is wider than a framed thumbnail, so no
-    # two thumbnails overlap.
-    span = size - 2 * margin
-    cells = max(1, span // (thumb_size + 4))
-    chosen = spread_sample(layout.positions, cells=cells, limit=max_thumbnails)
-    cell_of = np.minimum((layout.positions * cells).astype(np.int64), cells - 1)
+    chosen, centres = thumbnail_grid(
+        layout.positions, span=size - 2 * margin, thumb_size=thumb_size, limit=max_thumbnails
+    )
     for row, thumb in zip(
         chosen, load_thumbnails([paths[r] for r in chosen], thumb_size), strict=True
     ):
-        x, y = margin + (cell_of[row] + 0.5) / cells * span
+        x, y = margin + centres[row]
         y += top
         if thumb is None:
             draw.rectangle((x - 6, y - 6, x + 6, y + 6), outline=ACCENT, width=2)
@@ -254,7 +265,9 @@ def write_map_html(
     rows = np.arange(len(paths))
     if len(rows) > _HTML_MAX_POINTS:
         rows = np.sort(np.random.default_rng(0).choice(len(rows), _HTML_MAX_POINTS, replace=False))
-    chosen = spread_sample(layout.positions, cells=max(1, size // thumb_size), limit=max_thumbnails)
+    chosen, centres = thumbnail_grid(
+        layout.positions, span=size - 2 * margin, thumb_size=thumb_size, limit=max_thumbnails
+    )
     thumbs = dict(zip(chosen, load_thumbnails([paths[r] for r in chosen], thumb_size), strict=True))
     parts = [f'<svg viewBox="0 0 {size} {size}" xmlns="http://www.w3.org/2000/svg">']
     for row in rows.tolist():
@@ -264,7 +277,7 @@ def write_map_html(
         if thumb is None:
             parts.append(_svg_dot(paths[row], pixels[row], radius=6))
         else:
-            parts.append(_svg_thumbnail(paths[row], pixels[row], thumb))
+            parts.append(_svg_thumbnail(paths[row], margin + centres[row], thumb))
     parts.append("</svg>")
     shown_points = len(rows)
     title = html.escape(
