@@ -298,3 +298,40 @@ def test_neighbors_marks_a_neighbour_whose_file_is_gone(
         True
     ) == 1
     assert sum("missing since embed" in line for line in ranked) == 1
+
+
+def test_without_the_pixel_check_a_deleted_file_is_still_left_out(
+    photos_with_copies: Path, encoder_dir: Path, tmp_path: Path
+) -> None:
+    names = ["coffee.png", "coffee__jpeg.jpg", "coffee__half.png", "rocket.png"]
+    index = _index_of([photos_with_copies / n for n in names], tmp_path / "photos", encoder_dir)
+    (tmp_path / "photos" / "coffee__jpeg.jpg").unlink()
+    out = tmp_path / "d.csv"
+    command = ["duplicates", "-i", str(index), "-t", "0.978", "-o", str(out), "--no-pixel-check"]
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert "1 file listed in the index no longer exists and was left out of every group: " in (
+        result.output
+    )
+    with out.open(newline="") as handle:
+        listed = {Path(row["path"]).name for row in csv.DictReader(handle)}
+    assert listed == {"coffee.png", "coffee__half.png"}
+
+
+def test_file_status_says_missing_or_changed_since_embed(
+    photos_with_copies: Path, encoder_dir: Path, tmp_path: Path
+) -> None:
+    import os
+
+    from simclr_cli.engine.embeddings import load_embeddings
+
+    names = ["coffee.png", "coffee__jpeg.jpg", "rocket.png"]
+    index = _index_of([photos_with_copies / n for n in names], tmp_path / "photos", encoder_dir)
+    embeddings = load_embeddings(index)
+    row = {path.name: number for number, path in enumerate(embeddings.paths)}
+    (tmp_path / "photos" / "coffee__jpeg.jpg").unlink()
+    later = index.stat().st_mtime + 10
+    os.utime(tmp_path / "photos" / "rocket.png", (later, later))
+    assert embeddings.file_status(row["coffee.png"]) is None
+    assert embeddings.file_status(row["coffee__jpeg.jpg"]) == "missing since embed"
+    assert embeddings.file_status(row["rocket.png"]) == "changed since embed"

@@ -81,10 +81,10 @@ def neighbors_command(
         where = "in the index" if result.in_index else "embedded with the index's model"
         console.print(f"{result.query} ({where}); sheet: {sheet}", highlight=False, markup=False)
         for rank, (row, similarity) in enumerate(result.neighbors, start=1):
-            # The index may outlive its files; say so rather than list a path that is gone.
-            gone = "" if embeddings.paths[row].exists() else "  (missing since embed)"
+            status = embeddings.file_status(row)
+            note = f"  ({status})" if status else ""
             console.print(
-                f"  {rank:>3}  {similarity:.4f}  {embeddings.paths[row]}{gone}",
+                f"  {rank:>3}  {similarity:.4f}  {embeddings.paths[row]}{note}",
                 highlight=False,
                 markup=False,
             )

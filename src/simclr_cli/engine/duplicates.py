@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,7 @@ def find_duplicates(
     device: torch.device | None = None,
     reporter: Reporter | None = None,
     checker: PixelChecker | None = None,
+    present: Callable[[int], bool] | None = None,
 ) -> list[DuplicateGroup]:
     """Groups of two or more rows, largest first (ties: most similar first, then row order).
 
@@ -105,6 +107,8 @@ def find_duplicates(
     pair with a file that can no longer be read is not linked (the checker counts those: a
     deleted copy must not be listed, nor join its neighbours into one group). Pairs already
     in one group are not checked again: a group is confirmed through a chain of checked links.
+    Without a checker, `present` (if given) says which rows still have their file; the others
+    are left out in the same way.
     """
     if not -1.0 <= threshold <= 1.0:
         raise ConfigError(f"the threshold is a cosine similarity in [-1, 1], got {threshold}")
@@ -145,6 +149,8 @@ def find_duplicates(
             similarity.numpy()[order].tolist(),
             strict=True,
         ):
+            if present is not None and not (present(a) and present(b)):
+                continue
             if checker is not None and sets.find(a) != sets.find(b):
                 verdict = checker.confirms(a, b)
                 if time.monotonic() - last_report >= 1.0:
@@ -238,7 +244,14 @@ def duplicates_sheet(
         thumbs = load_thumbnails([embeddings.paths[row] for row, _ in members], tile_size)
         rows.append(
             [
-                Tile(thumb, (embeddings.paths[row].name, f"best cos {similarity:.4f}"))
+                Tile(
+                    thumb,
+                    (
+                        embeddings.paths[row].name,
+                        f"best cos {similarity:.4f}",
+                        *((f"({status})",) if (status := embeddings.file_status(row)) else ()),
+                    ),
+                )
                 for thumb, (row, similarity) in zip(thumbs, members, strict=True)
             ]
         )

@@ -50,6 +50,22 @@ class Embeddings:
         """Width of each vector."""
         return int(self.vectors.shape[1])
 
+    def file_status(self, row: int) -> str | None:
+        """Why a row's file may not be what its vector describes ("missing/changed since embed").
+
+        An index outlives its files; commands that list or draw a row say so rather than
+        present a deleted or replaced file as what the vector describes.
+        """
+        try:
+            modified = self.paths[row].stat().st_mtime
+        except OSError:
+            return "missing since embed"
+        try:
+            written = self.array_path.stat().st_mtime
+        except OSError:
+            return None
+        return "changed since embed" if modified > written else None
+
     def row_of(self, path: Path) -> int | None:
         """The row of an image file in this index, or None when it was not embedded."""
         if self._row_of is None:

@@ -174,6 +174,7 @@ def draw_map_png(
     chosen, centres = thumbnail_grid(
         layout.positions, span=size - 2 * margin, thumb_size=thumb_size, limit=max_thumbnails
     )
+    unreadable = 0
     for row, thumb in zip(
         chosen, load_thumbnails([paths[r] for r in chosen], thumb_size), strict=True
     ):
@@ -181,6 +182,7 @@ def draw_map_png(
         y += top
         if thumb is None:
             draw.rectangle((x - 6, y - 6, x + 6, y + 6), outline=ACCENT, width=2)
+            unreadable += 1
             continue
         left, upper = int(x - thumb.width / 2), int(y - thumb.height / 2)
         canvas.paste(thumb, (left, upper))
@@ -188,6 +190,8 @@ def draw_map_png(
             (left - 1, upper - 1, left + thumb.width, upper + thumb.height), outline=TEXT
         )
     title = f"{len(paths)} images, {len(chosen)} shown as thumbnails; {layout.description}"
+    if unreadable:
+        title += f"; red squares: {unreadable} file(s) that could not be read"
     draw.text((8, 8), title, TEXT, font_size=16)
     return save_png(canvas, out), len(chosen)
 

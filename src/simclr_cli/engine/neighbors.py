@@ -196,7 +196,7 @@ def neighbor_sheet(
             (
                 f"{rank}. cos {similarity:.4f}",
                 embeddings.paths[row].name,
-                *(() if embeddings.paths[row].exists() else ("(missing since embed)",)),
+                *((f"({status})",) if (status := embeddings.file_status(row)) else ()),
             ),
         )
         for rank, (thumb, (row, similarity)) in enumerate(

@@ -95,11 +95,12 @@ def draw_grid(
     Args:
         rows: Tiles per row; rows may differ in length.
         tile_size: Side of each thumbnail box in pixels.
-        caption_lines: Text lines reserved under every tile.
+        caption_lines: Text lines reserved under every tile; more when a tile has more.
         row_titles: A line above each row (a group name), or None.
         title: A line at the top of the sheet, or None.
     """
     font, small = _font(12), _font(11)
+    caption_lines = max([caption_lines, *(len(tile.caption) for row in rows for tile in row)])
     columns = max((len(row) for row in rows), default=1)
     cell_w, cell_h = tile_size + _PAD, tile_size + _PAD + caption_lines * _LINE
     row_title_h = _LINE + 4 if row_titles else 0
