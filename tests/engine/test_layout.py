@@ -111,3 +111,21 @@ def test_map_thumbnails_never_overlap(tmp_path: Path, monkeypatch: pytest.Monkey
     for number, (left, top, right, bottom) in enumerate(pasted):
         for other in pasted[number + 1 :]:
             assert right <= other[0] or other[2] <= left or bottom <= other[1] or other[3] <= top
+
+
+def test_a_dense_cluster_shows_its_images_around_it(photo_index: Path, tmp_path: Path) -> None:
+    # Copies sit on top of their photo in the layout; one thumbnail per cell showed one of
+    # each cluster. Neighbouring free cells take the rest: all 32 are drawn here.
+    from simclr_cli.engine.layout import draw_map_png, thumbnail_grid
+
+    embeddings = load_embeddings(photo_index)
+    layout = compute_layout(embeddings.vectors, method="pca")
+    alone = spread_sample(layout.positions, cells=(1600 - 80) // 68, limit=600)
+    _, drawn = draw_map_png(layout, embeddings.paths, tmp_path / "map.png")
+    assert len(alone) < drawn == 32
+    chosen, centres = thumbnail_grid(layout.positions, span=1520, thumb_size=64, limit=600)
+    cell = 1520 / (1520 // 68)
+    # Each thumbnail within 2.5 cells of its dot (2 cells away, plus half a cell each way).
+    assert all(
+        np.abs(centres[row] - layout.positions[row] * 1520).max() <= 2.5 * cell for row in chosen
+    )

@@ -141,16 +141,43 @@ def spread_sample(positions: npt.NDArray[np.float64], *, cells: int, limit: int)
 def thumbnail_grid(
     positions: npt.NDArray[np.float64], *, span: float, thumb_size: int, limit: int
 ) -> tuple[list[int], npt.NDArray[np.float64]]:
-    """Rows to draw as thumbnails and, for every row, the centre of its grid cell (0..span).
+    """Rows to draw as thumbnails, and where: the centre of a grid cell (0..span) per row.
 
-    A thumbnail is drawn at its cell's centre (at most half a cell from its dot, which stays
-    at the exact position), and a cell is wider than a framed thumbnail, so no two overlap.
+    Every cell holds at most one thumbnail and is wider than a framed thumbnail, so no two
+    overlap. First each occupied cell gets the row nearest its centre (`spread_sample`); then,
+    up to `limit`, other rows take the nearest free cell within two cells of their own, so a
+    dense cluster shows more of its images around it instead of one. A thumbnail is thus at
+    most 2.5 cells from its dot, which stays at the exact position (the PNG draws a line).
     """
     cells = max(1, int(span // (thumb_size + 4)))
     chosen = spread_sample(positions, cells=cells, limit=limit)
-    cell = np.minimum((positions * cells).astype(np.int64), cells - 1)
-    centres: npt.NDArray[np.float64] = (cell + 0.5) / cells * span
-    return chosen, centres
+    cell = np.minimum((positions * cells).astype(np.int64), cells - 1)  # (N, 2)
+    placed = {row: (int(cell[row, 0]), int(cell[row, 1])) for row in chosen}
+    taken = set(placed.values())
+    if len(placed) < limit and len(placed) < len(positions):
+        centre = (cell + 0.5) / cells
+        offsets = sorted(
+            ((dx, dy) for dx in range(-2, 3) for dy in range(-2, 3) if dx or dy),
+            key=lambda offset: offset[0] ** 2 + offset[1] ** 2,
+        )
+        waiting = np.setdiff1d(np.arange(len(positions)), np.asarray(chosen, dtype=np.int64))
+        distance = np.linalg.norm(positions[waiting] - centre[waiting], axis=1)
+        # Bounded work on huge maps: rows nearest their cell centres first, 20 per slot left.
+        budget = 20 * (limit - len(placed))
+        for row in waiting[np.argsort(distance, kind="stable")][:budget].tolist():
+            x, y = int(cell[row, 0]), int(cell[row, 1])
+            for dx, dy in offsets:
+                spot = (x + dx, y + dy)
+                if 0 <= spot[0] < cells and 0 <= spot[1] < cells and spot not in taken:
+                    placed[row] = spot
+                    taken.add(spot)
+                    break
+            if len(placed) >= limit:
+                break
+    centres = np.zeros_like(positions)
+    for row, (x, y) in placed.items():
+        centres[row] = ((x + 0.5) / cells * span, (y + 0.5) / cells * span)
+    return sorted(placed), centres
 
 
 def draw_map_png(
@@ -174,6 +201,9 @@ def draw_map_png(
     chosen, centres = thumbnail_grid(
         layout.positions, span=size - 2 * margin, thumb_size=thumb_size, limit=max_thumbnails
     )
+    for row in chosen:  # a thin line from each thumbnail to its dot, under the pictures
+        x, y = margin + centres[row]
+        draw.line((x, y + top, *pixels[row]), fill=(190, 190, 190), width=1)
     unreadable = 0
     for row, thumb in zip(
         chosen, load_thumbnails([paths[r] for r in chosen], thumb_size), strict=True
