@@ -281,12 +281,19 @@ def test_the_pixel_check_shows_its_counts_while_it_works(photo_index: Path, tmp_
     assert re.search(r"duplicates: row 32/32 \(100%\) checked \d+ rejected \d+", result.output)
 
 
+def _index_with_a_deleted_copy(photos: Path, encoder_dir: Path, tmp_path: Path) -> Path:
+    """coffee, two of its copies and rocket embedded in tmp_path/photos; then coffee__jpeg.jpg
+    deleted."""
+    names = ["coffee.png", "coffee__jpeg.jpg", "coffee__half.png", "rocket.png"]
+    index = _index_of([photos / n for n in names], tmp_path / "photos", encoder_dir)
+    (tmp_path / "photos" / "coffee__jpeg.jpg").unlink()
+    return index
+
+
 def test_neighbors_marks_a_neighbour_whose_file_is_gone(
     photos_with_copies: Path, encoder_dir: Path, tmp_path: Path
 ) -> None:
-    names = ["coffee.png", "coffee__jpeg.jpg", "coffee__half.png", "rocket.png"]
-    index = _index_of([photos_with_copies / n for n in names], tmp_path / "photos", encoder_dir)
-    (tmp_path / "photos" / "coffee__jpeg.jpg").unlink()
+    index = _index_with_a_deleted_copy(photos_with_copies, encoder_dir, tmp_path)
     query = tmp_path / "photos" / "coffee.png"
     result = runner.invoke(
         app, ["neighbors", str(query), "-i", str(index), "-k", "3", "-o", str(tmp_path / "n.png")]
@@ -303,9 +310,7 @@ def test_neighbors_marks_a_neighbour_whose_file_is_gone(
 def test_without_the_pixel_check_a_deleted_file_is_still_left_out(
     photos_with_copies: Path, encoder_dir: Path, tmp_path: Path
 ) -> None:
-    names = ["coffee.png", "coffee__jpeg.jpg", "coffee__half.png", "rocket.png"]
-    index = _index_of([photos_with_copies / n for n in names], tmp_path / "photos", encoder_dir)
-    (tmp_path / "photos" / "coffee__jpeg.jpg").unlink()
+    index = _index_with_a_deleted_copy(photos_with_copies, encoder_dir, tmp_path)
     out = tmp_path / "d.csv"
     command = ["duplicates", "-i", str(index), "-t", "0.978", "-o", str(out), "--no-pixel-check"]
     result = runner.invoke(app, command)

@@ -169,21 +169,17 @@ def evaluate(
         }
 
         if name == "model":
-            for split_name, split in (("training", train), (test_kind, test)):
+            for key, where, role, split in (
+                ("train", "training split", "training", train),
+                ("test", test_kind, "test", test),
+            ):
                 found = split.counts()
-                lost = [
-                    class_name
-                    for class_name, usable in per_class[
-                        "train" if split_name == "training" else "test"
-                    ].items()
-                    if usable == 0 and found[class_name] > 0
-                ]
+                lost = [c for c, usable in per_class[key].items() if usable == 0 and found[c] > 0]
                 if lost:
                     warning = (
-                        f"class folder(s) whose every image was unreadable in the "
-                        f"{split_name} split: {', '.join(lost)} (the skipped files are listed "
-                        "above); these classes are scored without any "
-                        f"{'training' if split_name == 'training' else 'test'} image"
+                        f"class folder(s) whose every image was unreadable in the {where}: "
+                        f"{', '.join(lost)} (the skipped files are listed above); these classes "
+                        f"are scored without any {role} image"
                     )
                     logger.warning(warning)
                     warnings.append(warning)
