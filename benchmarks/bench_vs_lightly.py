@@ -47,6 +47,7 @@ from PIL import Image
 from torch import nn
 
 from simclr_cli.config import ModelConfig, uses_small_stem
+from simclr_cli.device import resolve_precision
 
 CONFIGS: dict[str, dict[str, Any]] = {
     # The issue's reference for a 2-core CPU: real MNIST digits, 3-channel PNGs at 32 px,
@@ -94,6 +95,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PROJECTION_DIM = 128
 TEMPERATURE = 0.5  # our TrainConfig default, and NTXentLoss's
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -705,19 +707,30 @@ def _lightly_step_rate(
 # The compute bound: measured matmul rate and the model's FLOPs per image.
 
 
-def matmul_gflops(size: int, dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
-    """Best of `repeats` (size x size) @ (size x size) products, in GFLOP/s (2 n^3 each)."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    torch.matmul(a, b)  # warm-up: thread pool and kernel choice
-    best = math.inf
-    for _ in range(repeats):
-        _sync(device)
-        started = time.perf_counter()
-        torch.matmul(a, b)
-        _sync(device)
-        best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best / 1e9
+def matmul_gflops(
+    size: int, dtype: torch.dtype, device: torch.device, repeats: int = 5
+) -> dict[str, float]:
+    """Best of `repeats` square products, in GFLOP/s (2 n^3 each), and the side used.
+
+    The side grows from 512 by doubling up to `size`, and stops growing once one product
+    takes 0.25 s: a CPU without bf16 instructions emulates bf16 products so slowly that a
+    4096 product would take minutes, and the rate is already clear at a smaller side.
+    """
+    side = min(512, size)
+    while True:
+        a = torch.randn(side, side, device=device).to(dtype)
+        b = torch.randn(side, side, device=device).to(dtype)
+        torch.matmul(a, b)  # warm-up: thread pool and kernel choice
+        best = math.inf
+        for _ in range(repeats):
+            _sync(device)
+            started = time.perf_counter()
+            torch.matmul(a, b)
+            _sync(device)
+            best = min(best, time.perf_counter() - started)
+        if side >= size or best >= 0.25:
+            return {"gflops": 2 * side**3 / best / 1e9, "side": side}
+        side = min(2 * side, size)
 
 
 def model_flops(
@@ -1001,7 +1014,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="images per step (default: 256)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 per side (noise)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "auto"),
+        default="fp32",
+        help="our side (and lightly's unless --lightly-precision); auto: what `simclr pretrain` "
+        "picks here (bf16 on CPUs with AMX, fp32 on other CPUs)",
+    )
     parser.add_argument(
         "--lightly-precision",
         choices=("fp32", "bf16"),
@@ -1075,18 +1094,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not sides:
         raise SystemExit("nothing to measure: lightly is not installed")
     device = torch.device(args.device)
+    if args.precision == "auto":
+        args.precision = resolve_precision("auto", device, training=True).name
+        print(f"--precision auto is {args.precision} here", file=sys.stderr)
     image_size = args.image_size or config["image_size"]
     # Our rule (3x3 stem at 64 px and below), applied to both sides.
     small_stem = uses_small_stem(ModelConfig(arch=args.arch), image_size)
     record: dict[str, Any] = {"machine": machine_record(threads)}
 
     print("measuring the compute bound", file=sys.stderr)
+    matmuls = {
+        name: matmul_gflops(args.matmul_size, DTYPES[name], device)
+        for name in sorted({args.precision, args.lightly_precision or args.precision})
+    }
     bound = {
-        "matmul_size": args.matmul_size,
-        "matmul_gflops": {
-            "fp32": matmul_gflops(args.matmul_size, torch.float32, device),
-            "bf16": matmul_gflops(args.matmul_size, torch.bfloat16, device),
-        },
+        "matmul_size": {name: m["side"] for name, m in matmuls.items()},
+        "matmul_gflops": {name: m["gflops"] for name, m in matmuls.items()},
         "flops_per_image": model_flops(args.arch, image_size, small_stem, device),
     }
 
@@ -1184,7 +1207,7 @@ def _precisions(settings: dict[str, Any]) -> str:
 
 def _headline(settings: dict[str, Any], bound: dict[str, Any], machine: dict[str, Any]) -> str:
     flops = bound["flops_per_image"]
-    gflops = bound["matmul_gflops"]
+    rates = ", ".join(f"{rate:.0f} GFLOP/s {name}" for name, rate in bound["matmul_gflops"].items())
     return (
         f"\n{settings['config']}: {settings['images']} images at {settings['image_size']} px, "
         f"{settings['arch']} ({'small' if settings['small_stem'] else 'standard'} stem), batch "
@@ -1193,7 +1216,7 @@ def _headline(settings: dict[str, Any], bound: dict[str, Any], machine: dict[str
         f"thread(s), {settings['seeds']} seed(s)\n"
         f"machine: {machine['cpu_model']} | torch {machine['versions']['torch']} | lightly "
         f"{machine['versions']['lightly']} | load {machine['load_average_at_start'][0]:.1f}\n"
-        f"bound: matmul {gflops['fp32']:.0f} GFLOP/s fp32, {gflops['bf16']:.0f} bf16; "
+        f"bound: matmul {rates}; "
         f"{flops['train'] / 1e9:.2f} GFLOP per image trained (2 views, fwd+bwd), "
         f"{flops['embed'] / 1e9:.2f} per image embedded\n"
     )

@@ -114,7 +114,22 @@ def resolve_precision(name: str, device: torch.device, *, training: bool = False
         raise DeviceError(f"unknown precision {name!r}; use auto, fp32, bf16 or fp16")
     if name == "fp16" and device.type == "cpu":
         raise DeviceError("fp16 is not supported on the CPU; use --precision bf16 or fp32")
+    if name == "bf16" and device.type == "cpu" and not cpu_has_bf16_instructions():
+        logger.warning(
+            "this CPU has no bf16 instructions, so bf16 is emulated: on a 2-core AVX2 EPYC a "
+            "bf16 matrix product ran at 1 GFLOP/s against 178 in fp32. "
+            "--precision fp32 (or auto) will be much faster here"
+        )
     return Precision(name=name, dtype=_DTYPES[name])
+
+
+def cpu_has_bf16_instructions() -> bool:
+    """True where oneDNN has native bf16 kernels (AVX512-BF16 or AMX); False: emulated."""
+    probe = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else True
+    except Exception:  # a torch without the probe: assume native rather than warn wrongly
+        return True
 
 
 @contextlib.contextmanager

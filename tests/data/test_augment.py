@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -172,3 +173,59 @@ def test_tiny_and_elongated_images_get_valid_crops() -> None:
     assert (w > 0).all() and (h > 0).all()
     assert (x0 + w <= sizes[:, 1] + 1e-4).all() and (y0 + h <= sizes[:, 0] + 1e-4).all()
     assert not math.isnan(float(params.crop_boxes.sum()))
+
+
+def _torchvision_view(image, params, i):
+    """One view's colour steps for image i, with torchvision's single-image functions."""
+    steps = (
+        (TF.adjust_brightness, params.brightness),
+        (TF.adjust_contrast, params.contrast),
+        (TF.adjust_saturation, params.saturation),
+        (TF.adjust_hue, params.hue),
+    )
+    if params.jitter[i]:
+        for op_index in params.jitter_order[i].tolist():
+            function, factors = steps[op_index]
+            image = function(image, float(factors[i]))
+    if params.grayscale[i]:
+        image = TF.rgb_to_grayscale(image, num_output_channels=3)
+    return image
+
+
+def test_grouped_batch_matches_torchvision_image_by_image() -> None:
+    # The batch is reordered so images sharing a jitter order are adjusted together, then put
+    # back: every image must still get its own four steps, in its own order, and its own
+    # grayscale, and land in its own row. 80 crops of three photos cover all 24 orders.
+    photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea()]
+    canvases = torch.stack(
+        [
+            TF.resize(
+                torch.from_numpy(photos[i % 3]).permute(2, 0, 1)[:, i % 97 : i % 97 + 200, :200],
+                [48, 48],
+                antialias=True,
+            )
+            for i in range(80)
+        ]
+    )
+    sizes = torch.tensor([[48, 48]] * 80)
+    config = AugmentConfig(image_size=24, blur_prob=0.0, grayscale_prob=0.3)
+    params = sample_view_params(config, sizes, torch.Generator().manual_seed(1))
+    assert len({tuple(order) for order in params.jitter_order[params.jitter].tolist()}) == 24
+    ours = apply_view(canvases, params, config)
+    crops = crop_and_flip(canvases.float() / 255, params.crop_boxes, params.flip, size=24)
+    theirs = torch.stack([_torchvision_view(crops[i], params, i) for i in range(80)])
+    assert torch.allclose(ours, theirs, atol=3e-3)
+    assert (ours - crops).abs().amax(dim=(1, 2, 3)).min() < 1e-6  # some rows left unchanged
+    assert (ours - crops).abs().amax(dim=(1, 2, 3)).max() > 0.1
+
+
+def test_blur_in_groups_matches_blurring_the_whole_batch() -> None:
+    # Blur runs group by group on the reordered batch; it must equal one blur over all rows.
+    canvases, sizes = _photo_batch(64)
+    canvases, sizes = canvases.repeat(20, 1, 1, 1), sizes.repeat(20, 1)
+    config = AugmentConfig(image_size=32, blur_prob=1.0, jitter_prob=0.5, grayscale_prob=0.0)
+    params = sample_view_params(config, sizes, torch.Generator().manual_seed(5))
+    blurred = apply_view(canvases, params, config)
+    no_blur = replace(params, blur=torch.zeros_like(params.blur))
+    expected = augment._gaussian_blur(apply_view(canvases, no_blur, config), params.blur_sigma)
+    assert torch.allclose(blurred, expected, atol=1e-5)

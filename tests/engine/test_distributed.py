@@ -41,7 +41,7 @@ def test_two_processes_match_one_process_on_the_global_batch(gradient_results: l
     # Gathered negatives, positives at each rank's offset and synced BN: same loss, same grads.
     for rank in gradient_results:
         assert rank["correct"]["loss_error"] < 1e-5
-        assert rank["correct"]["grad_error"] < 1e-4
+        assert rank["correct"]["grad_error"] < 1e-5  # float64 (see dist_workers): 3e-7 measured
 
 
 @pytest.mark.parametrize(

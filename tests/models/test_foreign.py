@@ -174,6 +174,16 @@ class SeparusStyleResNet50(nn.Module):
         return x.mean(dim=(2, 3))
 
 
+def _close_at_scale(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal up to float32 rounding of the largest value.
+
+    Random weights make outputs in the thousands whose small elements are differences of
+    large terms; a per-element tolerance then fails on rounding alone (a 0.003 difference
+    next to values of 4,500 was seen on an AVX2 CPU, where matrix kernels round differently).
+    """
+    return bool((got - want).abs().max() <= 1e-5 * want.abs().max())
+
+
 def test_v2_weights_compute_what_the_original_network_computes(tmp_path: Path) -> None:
     # Same input, same features (and same head output) as the v2 network under its own names.
     resnet, head = v2_layout(50, 1)
@@ -185,7 +195,7 @@ def test_v2_weights_compute_what_the_original_network_computes(tmp_path: Path) -
     with torch.no_grad():
         ours = model.backbone(images)
         reference = SeparusStyleResNet50(raw["resnet"])(images)
-        assert torch.allclose(ours, reference, rtol=1e-4, atol=1e-4)
+        assert _close_at_scale(ours, reference)
         assert model.projection_head is not None
         projected = model.projection_head(ours)
         h = raw["head"]
@@ -196,7 +206,7 @@ def test_v2_weights_compute_what_the_original_network_computes(tmp_path: Path) -
             z = F.batch_norm(z, h[f"{n}.running_mean"], h[f"{n}.running_var"], h[f"{n}.weight"],
                              h[f"{n}.bias"], training=False, eps=1e-5)  # fmt: skip
             z = F.relu(z) if index < 6 else z
-    assert torch.allclose(projected, z, rtol=1e-4, atol=1e-4)
+    assert _close_at_scale(projected, z)
 
 
 def test_selective_kernel_v2_is_refused_by_name() -> None:

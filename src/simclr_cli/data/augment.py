@@ -8,7 +8,15 @@ and the pixel work then runs where the batch lives (CPU, CUDA or MPS).
 
 Inputs are uint8 canvases: each image decoded once, fitted inside a square of side
 `decode_size(config)` and zero padded, with its valid (height, width) alongside. Crop and
-flip are one `grid_sample` per batch that never reads the padding.
+flip are one `grid_sample` per batch (per chunk on the CPU) that never reads the padding.
+
+Speed on the CPU, where these steps share cores with the model: canvases are converted to
+float a chunk at a time (both views crop from the same chunk), and the batch is reordered so
+that the images sharing one random order of the four colour adjustments are adjacent; each
+such group of a few images then goes through jitter, grayscale and blur as one slice that
+stays in cache. At 96 px this halved the time for two views of a batch of 256 (453 to
+220 ms, median of 10 on a 2-core EPYC), at 224 px it cut it by 4x; the pixels are the same
+as before (each adjustment is checked against torchvision's, image by image).
 
 Limitation: the crop is resampled bilinearly without an anti-aliasing filter; with canvases
 twice the training size a full-image crop is shrunk at most 2x, where aliasing is mild, but
@@ -154,84 +162,156 @@ def crop_and_flip(
     """Resample each crop box to size x size (bilinear), mirrored where `flip` is set.
 
     Args:
-        canvases: (B, 3, C, C) float images in [0, 1].
+        canvases: (B, 3, C, C) float images, in [0, 1] or 0-255 (resampling is linear, so
+            the scale can be applied afterwards, to fewer pixels).
         crop_boxes: (B, 4) x0, y0, width, height in canvas pixels.
         flip: (B,) bool.
         size: Output side.
     """
     batch, _, canvas, _ = canvases.shape
-    x0, y0, w, h = (crop_boxes.to(canvases.device, torch.float32) / canvas).unbind(1)
-    # Output coordinate u in [-1, 1] maps to canvas coordinate (x0 + (u + 1) / 2 * w), which
+    device = canvases.device
+    x0, y0, w, h = (crop_boxes.to(device, torch.float32) / canvas).unbind(1)
+    # Output pixel centre u in (-1, 1) maps to canvas coordinate x0 + (u + 1) / 2 * w, which
     # in grid_sample's normalised units (align_corners=False) is w * u + (2 * x0 + w) - 1.
-    sign = 1.0 - 2.0 * flip.to(canvases.device, torch.float32)
-    theta = torch.zeros(batch, 2, 3, device=canvases.device)
-    theta[:, 0, 0] = w * sign
-    theta[:, 0, 2] = 2 * x0 + w - 1
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = 2 * y0 + h - 1
-    grid = F.affine_grid(theta, [batch, 3, size, size], align_corners=False)  # (B, S, S, 2)
-    return F.grid_sample(
-        canvases, grid, mode="bilinear", padding_mode="border", align_corners=False
+    # There is no rotation, so x depends on the column only and y on the row only: the grid
+    # is built from two (B, S) vectors (affine_grid's general matrix product is slower).
+    u = (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1  # (S,)
+    sign = 1.0 - 2.0 * flip.to(device, torch.float32)
+    grid_x = (w * sign)[:, None] * u + (2 * x0 + w - 1)[:, None]  # (B, S)
+    grid_y = h[:, None] * u + (2 * y0 + h - 1)[:, None]  # (B, S)
+    shape = (batch, size, size)
+    grid = torch.stack([grid_x[:, None, :].expand(shape), grid_y[:, :, None].expand(shape)], dim=3)
+    return F.grid_sample(  # grid: (B, S, S, 2), (x, y) per output pixel
+        canvases,
+        grid.to(canvases.dtype),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
     )
 
 
 def _luma(images: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor(_LUMA, device=images.device, dtype=images.dtype)
-    return torch.einsum("bchw,c->bhw", images, weights).unsqueeze(1)  # (B, 1, H, W)
+    """Per-pixel luma, (B, 1, H, W)."""
+    red, green, blue = images.unbind(1)
+    luma = red * _LUMA[0]
+    luma.add_(green, alpha=_LUMA[1]).add_(blue, alpha=_LUMA[2])
+    return luma.unsqueeze(1)
+
+
+# The four adjustments work in place on their input and return it; each matches torchvision's
+# single-image function (clamped to [0, 1] after every step, as there).
 
 
 def _adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (images * factor[:, None, None, None]).clamp(0, 1)
+    return images.mul_(factor[:, None, None, None]).clamp_(0, 1)
 
 
 def _adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    mean = _luma(images).mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
-    return (mean + (images - mean) * factor[:, None, None, None]).clamp(0, 1)
+    # The mean luma of an image is the luma of its channel means: one small reduction.
+    weights = torch.tensor(_LUMA, device=images.device, dtype=images.dtype)
+    mean = (images.mean(dim=(2, 3)) @ weights)[:, None, None, None]  # (B, 1, 1, 1)
+    return images.sub_(mean).mul_(factor[:, None, None, None]).add_(mean).clamp_(0, 1)
 
 
 def _adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     gray = _luma(images)
-    return (gray + (images - gray) * factor[:, None, None, None]).clamp(0, 1)
+    return images.sub_(gray).mul_(factor[:, None, None, None]).add_(gray).clamp_(0, 1)
 
 
 def _adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate hue in HSV space by `shift` (a fraction of the circle) per image."""
+    """Rotate hue in HSV space by `shift` (a fraction of the circle) per image.
+
+    Turning the hue keeps each pixel's largest and smallest channel (HSV's value and
+    saturation), so the result is written straight from max, chroma and the new hue: channel
+    n = max - chroma * clamp(min(k, 4 - k), 0, 1) with k = (n_offset + 6 * hue) mod 6.
+    """
     red, green, blue = images.unbind(1)  # (B, H, W) each
-    value, _ = images.max(dim=1)
-    chroma = value - images.min(dim=1).values
-    saturation = torch.where(value > 0, chroma / value.clamp_min(1e-12), torch.zeros_like(value))
-    safe_chroma = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    hue = torch.where(
+    value = images.amax(dim=1)
+    chroma = value - images.amin(dim=1)
+    inverse = torch.where(chroma > 0, chroma, 1.0).reciprocal_()
+    # Hue in sixths of the circle; for grey pixels (chroma 0) any hue gives the same output.
+    sixths = torch.where(
         value == red,
-        (green - blue) / safe_chroma,
+        (green - blue).mul_(inverse),
         torch.where(
-            value == green, 2 + (blue - red) / safe_chroma, 4 + (red - green) / safe_chroma
+            value == green,
+            (blue - red).mul_(inverse).add_(2),
+            (red - green).mul_(inverse).add_(4),
         ),
     )
-    hue = torch.where(chroma > 0, hue / 6, torch.zeros_like(hue))
-    hue = torch.remainder(hue + shift[:, None, None], 1.0)
-
-    # HSV to RGB: channel n is V - V*S*clamp(min(k, 4 - k), 0, 1) with k = (n + 6H) mod 6.
+    sixths.add_(6 * shift[:, None, None])
     offsets = torch.tensor([5.0, 3.0, 1.0], device=images.device, dtype=images.dtype)
-    k = torch.remainder(offsets[None, :, None, None] + 6 * hue[:, None], 6)  # (B, 3, H, W)
-    ramp = torch.minimum(k, 4 - k).clamp(0, 1)
-    return value[:, None] - (value * saturation)[:, None] * ramp
+    k = torch.remainder(offsets[None, :, None, None] + sixths[:, None], 6)  # (B, 3, H, W)
+    ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
+    return torch.addcmul(value[:, None], chroma[:, None], ramp, value=-1, out=images)
 
 
 _JITTER_OPS = (_adjust_brightness, _adjust_contrast, _adjust_saturation, _adjust_hue)
+_NO_JITTER = 24  # group key after the 24 orders of the four adjustments
 
 
-def _color_jitter(images: torch.Tensor, params: ViewParams) -> torch.Tensor:
-    """Apply the four adjustments in each image's own random order."""
+def _jitter_group_keys(params: ViewParams) -> torch.Tensor:
+    """(B,) the index of each image's adjustment order (0-23), or 24 for no jitter."""
+    order = params.jitter_order
+    code = order[:, 0] * 64 + order[:, 1] * 16 + order[:, 2] * 4 + order[:, 3]
+    code = torch.searchsorted(_ORDER_CODES.to(code.device), code)
+    return torch.where(params.jitter, code, _NO_JITTER)
+
+
+def _all_order_codes() -> torch.Tensor:
+    codes = sorted(
+        a * 64 + b * 16 + c * 4 + d
+        for a in range(4)
+        for b in range(4)
+        for c in range(4)
+        for d in range(4)
+        if len({a, b, c, d}) == 4
+    )
+    return torch.tensor(codes)
+
+
+_ORDER_CODES = _all_order_codes()
+
+
+def _adjust_groups(views: torch.Tensor, params: ViewParams) -> torch.Tensor:
+    """Colour jitter (in each image's own order), grayscale and blur, in place.
+
+    The views must be grouped: all images with one jitter order adjacent (see `_grouped`).
+    Each group, a few images, is then finished as one contiguous slice that stays in cache
+    through every step, with no gather or scatter over the whole batch.
+    """
+    keys = _jitter_group_keys(params).tolist()
     factors = (params.brightness, params.contrast, params.saturation, params.hue)
-    for position in range(4):
-        for op_index, op in enumerate(_JITTER_OPS):
-            selected = (params.jitter & (params.jitter_order[:, position] == op_index)).nonzero()
-            if selected.numel() == 0:
-                continue
-            index = selected.squeeze(1)
-            images[index] = op(images[index], factors[op_index][index])
-    return images
+    start = 0
+    while start < len(keys):
+        end = start
+        while end < len(keys) and keys[end] == keys[start]:
+            end += 1
+        group = views[start:end]
+        if keys[start] != _NO_JITTER:
+            for op_index in params.jitter_order[start].tolist():
+                _JITTER_OPS[op_index](group, factors[op_index][start:end])
+        gray = params.grayscale[start:end].nonzero().squeeze(1)
+        if gray.numel():
+            group[gray] = _luma(group[gray]).expand(-1, 3, -1, -1)
+        blurred = params.blur[start:end].nonzero().squeeze(1)
+        if blurred.numel():
+            # Clamped because the kernel's weights may sum to 1 + a rounding error.
+            blur_sigma = params.blur_sigma[start:end][blurred]
+            group[blurred] = _gaussian_blur(group[blurred], blur_sigma).clamp_(0, 1)
+        start = end
+    return views
+
+
+def _grouped(params: ViewParams) -> tuple[ViewParams, torch.Tensor, torch.Tensor]:
+    """Reorder so that images sharing a jitter order are adjacent.
+
+    Returns the reordered parameters, the order (new position -> batch index) and its
+    inverse, which restores batch order.
+    """
+    order = torch.argsort(_jitter_group_keys(params), stable=True)
+    moved = {f.name: getattr(params, f.name)[order] for f in fields(params)}
+    return ViewParams(**moved), order, torch.argsort(order)
 
 
 def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -260,23 +340,59 @@ def apply_view(canvases: torch.Tensor, params: ViewParams, config: AugmentConfig
         config: The augmentation settings the parameters were drawn for.
     """
     params = params.to(canvases.device)
-    if canvases.dtype == torch.uint8:
-        canvases = canvases.float().div_(255)
-    views = crop_and_flip(canvases, params.crop_boxes, params.flip, size=config.image_size)
-    views = _color_jitter(views, params)
-    gray = params.grayscale.nonzero().squeeze(1)
-    if gray.numel():
-        views[gray] = _luma(views[gray]).expand(-1, 3, -1, -1)
-    blurred = params.blur.nonzero().squeeze(1)
-    if blurred.numel():
-        views[blurred] = _gaussian_blur(views[blurred], params.blur_sigma[blurred])
+    (crops,) = _crop_views(canvases, [(params.crop_boxes, params.flip)], size=config.image_size)
+    return _finish_view(crops, params)
+
+
+# On the CPU, canvases are converted to float and cropped this many at a time: a float copy
+# of a whole batch (113 MB for 256 canvases of 192 px) would be fresh memory on every step,
+# and the page faults alone cost as much as the crop.
+_CPU_CROP_CHUNK = 32
+
+
+def _crop_views(
+    canvases: torch.Tensor, boxes_and_flips: list[tuple[torch.Tensor, torch.Tensor]], *, size: int
+) -> list[torch.Tensor]:
+    """Crop and flip every canvas once per (crop_boxes, flip) pair: float views in [0, 1]."""
+    batch = canvases.shape[0]
+    if batch == 0:
+        empty = torch.empty(0, 3, size, size, device=canvases.device)
+        return [empty.clone() for _ in boxes_and_flips]
+    chunk = _CPU_CROP_CHUNK if canvases.device.type == "cpu" else max(batch, 1)
+    scale = 1 / 255 if canvases.dtype == torch.uint8 else 1.0
+    buffer = None
+    parts: list[list[torch.Tensor]] = [[] for _ in boxes_and_flips]
+    for start in range(0, batch, chunk):
+        end = min(start + chunk, batch)
+        if canvases.dtype == torch.uint8:
+            if buffer is None or buffer.shape[0] != end - start:
+                buffer = torch.empty(canvases[start:end].shape, device=canvases.device)
+            pixels = buffer.copy_(canvases[start:end])
+        else:
+            pixels = canvases[start:end]
+        for view_parts, (boxes, flip) in zip(parts, boxes_and_flips, strict=True):
+            view_parts.append(crop_and_flip(pixels, boxes[start:end], flip[start:end], size=size))
+    views = [torch.cat(part) if len(part) > 1 else part[0] for part in parts]
+    if scale != 1.0:
+        for view in views:
+            view.mul_(scale)
     return views
 
 
-def normalize(images: torch.Tensor, config: AugmentConfig) -> torch.Tensor:
+def _finish_view(crops: torch.Tensor, params: ViewParams) -> torch.Tensor:
+    """Colour jitter, grayscale and blur on cropped views (batch order in and out)."""
+    grouped, order, restore = _grouped(params)
+    return _adjust_groups(crops[order], grouped)[restore]
+
+
+def normalize(
+    images: torch.Tensor, config: AugmentConfig, *, inplace: bool = False
+) -> torch.Tensor:
     """Subtract the channel mean and divide by the std the encoder expects."""
     mean = torch.tensor(config.mean, device=images.device, dtype=images.dtype)[None, :, None, None]
     std = torch.tensor(config.std, device=images.device, dtype=images.dtype)[None, :, None, None]
+    if inplace:
+        return images.sub_(mean).div_(std)
     return (images - mean) / std
 
 
@@ -285,10 +401,16 @@ def make_views(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independently augmented, normalised views of every image: (view_a, view_b)."""
     cpu_sizes = sizes.cpu()
-    params_a = sample_view_params(config, cpu_sizes, generator)
-    params_b = sample_view_params(config, cpu_sizes, generator)
-    view_a = normalize(apply_view(canvases, params_a, config), config)
-    view_b = normalize(apply_view(canvases, params_b, config), config)
+    params_a = sample_view_params(config, cpu_sizes, generator).to(canvases.device)
+    params_b = sample_view_params(config, cpu_sizes, generator).to(canvases.device)
+    # Both views crop from one float copy of each chunk of canvases.
+    crops_a, crops_b = _crop_views(
+        canvases,
+        [(params_a.crop_boxes, params_a.flip), (params_b.crop_boxes, params_b.flip)],
+        size=config.image_size,
+    )
+    view_a = normalize(_finish_view(crops_a, params_a), config, inplace=True)
+    view_b = normalize(_finish_view(crops_b, params_b), config, inplace=True)
     return view_a, view_b
 
 
@@ -300,12 +422,11 @@ def center_view(canvases: torch.Tensor, sizes: torch.Tensor, *, size: int) -> to
         sizes: Valid (height, width) of each canvas, (B, 2).
         size: Output side.
     """
-    if canvases.dtype == torch.uint8:
-        canvases = canvases.float().div_(255)
     sizes = sizes.to(torch.float32)
     side = sizes.min(dim=1).values  # (B,)
     x0 = (sizes[:, 1] - side) / 2
     y0 = (sizes[:, 0] - side) / 2
     boxes = torch.stack([x0, y0, side, side], dim=1)
     no_flip = torch.zeros(len(boxes), dtype=torch.bool)
-    return crop_and_flip(canvases, boxes, no_flip, size=size)
+    (view,) = _crop_views(canvases, [(boxes, no_flip)], size=size)
+    return view

@@ -1,0 +1,101 @@
+"""Time the training view pipeline (`make_views`: two views of a batch) on real photos.
+
+    python benchmarks/augment_speed.py --sizes 32 96 224 --against 1ed6479
+
+Crops of scikit-image's photos are resized into uint8 canvases of twice the training size
+(what the loader hands to the pipeline), and `make_views` is timed on a batch of them: the
+median and the fastest of `--repeats` calls after two untimed ones. With `--against REV`,
+the pipeline as it was at that git revision (`src/simclr_cli/data/augment.py` read with
+`git show`) is timed in the same process, call for call in turns, so both see the same
+machine load. The numbers are milliseconds of wall time with torch's default threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from skimage import data as skdata
+
+from simclr_cli.config import AugmentConfig
+from simclr_cli.data import augment
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
+
+
+def photo_canvases(batch: int, canvas: int) -> torch.Tensor:
+    """`batch` different square crops of real photos as uint8 (batch, 3, canvas, canvas)."""
+    photos = [torch.from_numpy(getattr(skdata, name)()).permute(2, 0, 1) for name in PHOTOS]
+    crops = []
+    for i in range(batch):
+        photo = photos[i % len(photos)]
+        side = min(photo.shape[1:]) * 3 // 4
+        top = (i * 7) % (photo.shape[1] - side + 1)
+        left = (i * 13) % (photo.shape[2] - side + 1)
+        crop = photo[:, top : top + side, left : left + side]
+        crops.append(TF.resize(crop, [canvas, canvas], antialias=True))
+    return torch.stack(crops)
+
+
+def module_at(revision: str, work: Path) -> ModuleType:
+    """The augmentation module as committed at `revision`, imported under another name."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:src/simclr_cli/data/augment.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    path = work / "augment_at_revision.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("augment_at_revision", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Time each size, this code and the --against revision in turns."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 96, 224])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--against", help="a git revision to time in turns with this code")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        versions = {"this code": augment}
+        if args.against:
+            versions[args.against] = module_at(args.against, Path(tmp))
+        print(f"make_views, two views of {args.batch_size} images; torch threads "
+              f"{torch.get_num_threads()}; ms: median (fastest) of {args.repeats}")  # fmt: skip
+        for size in args.sizes:
+            config = AugmentConfig(image_size=size)
+            canvases = photo_canvases(args.batch_size, 2 * size)
+            sizes = torch.full((args.batch_size, 2), 2 * size)
+            times: dict[str, list[float]] = {name: [] for name in versions}
+            for repeat in range(args.repeats + 2):
+                for name, module in versions.items():
+                    generator = torch.Generator().manual_seed(repeat)
+                    started = time.perf_counter()
+                    module.make_views(canvases, sizes, config, generator)
+                    if repeat >= 2:
+                        times[name].append(time.perf_counter() - started)
+            cells = [
+                f"{name} {1000 * statistics.median(t):.1f} ({1000 * min(t):.1f})"
+                for name, t in times.items()
+            ]
+            print(f"{size:4d} px: " + " | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
