@@ -14,9 +14,9 @@ Speed on the CPU, where these steps share cores with the model: canvases are con
 float a chunk at a time (both views crop from the same chunk), and the batch is reordered so
 that the images sharing one random order of the four colour adjustments are adjacent; each
 such group of a few images then goes through jitter, grayscale and blur as one slice that
-stays in cache. At 96 px this halved the time for two views of a batch of 256 (453 to
-220 ms, median of 10 on a 2-core EPYC), at 224 px it cut it by 4x; the pixels are the same
-as before (each adjustment is checked against torchvision's, image by image).
+stays in cache. For two views of a batch of 256 on a 2-core EPYC this took 465 -> 282 ms
+at 96 px and 4.3 -> 1.4 s at 224 px (medians of 10, `benchmarks/augment_speed.py`); the
+pixels are those of before (each adjustment is checked against torchvision's, image by image).
 
 Limitation: the crop is resampled bilinearly without an anti-aliasing filter; with canvases
 twice the training size a full-image crop is shrunk at most 2x, where aliasing is mild, but
