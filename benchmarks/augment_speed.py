@@ -7,13 +7,16 @@ Crops of scikit-image's photos are resized into uint8 canvases of twice the trai
 median and the fastest of `--repeats` calls after two untimed ones. With `--against REV`,
 the pipeline as it was at that git revision (`src/simclr_cli/data/augment.py` read with
 `git show`) is timed in the same process, call for call in turns, so both see the same
-machine load. The numbers are milliseconds of wall time with torch's default threads.
+machine load. The numbers are milliseconds of wall time with torch's default threads
+(`--threads N` to change); the load average is printed before and after, since on a shared
+machine other work can move these timings by several times.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import subprocess
 import sys
@@ -70,7 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--against", help="a git revision to time in turns with this code")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         versions = {"this code": augment}
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             versions[args.against] = module_at(args.against, Path(tmp))
         print(f"make_views, two views of {args.batch_size} images; torch threads "
               f"{torch.get_num_threads()}; ms: median (fastest) of {args.repeats}")  # fmt: skip
+        print(_load("load average at start"))
         for size in args.sizes:
             config = AugmentConfig(image_size=size)
             canvases = photo_canvases(args.batch_size, 2 * size)
@@ -95,6 +102,15 @@ def main(argv: list[str] | None = None) -> None:
                 for name, t in times.items()
             ]
             print(f"{size:4d} px: " + " | ".join(cells), flush=True)
+        print(_load("load average at end"))
+
+
+def _load(label: str) -> str:
+    """The 1-minute load average against the core count: other work skews every timing."""
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    note = " (other work is running: timings are not comparable)" if load > cores else ""
+    return f"{label}: {load:.1f} on {cores} cores{note}"
 
 
 if __name__ == "__main__":

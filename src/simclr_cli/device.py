@@ -116,20 +116,30 @@ def resolve_precision(name: str, device: torch.device, *, training: bool = False
         raise DeviceError("fp16 is not supported on the CPU; use --precision bf16 or fp32")
     if name == "bf16" and device.type == "cpu" and not cpu_has_bf16_instructions():
         logger.warning(
-            "this CPU has no bf16 instructions, so bf16 is emulated: on a 2-core AVX2 EPYC a "
-            "bf16 matrix product ran at 1 GFLOP/s against 178 in fp32. "
-            "--precision fp32 (or auto) will be much faster here"
+            "this CPU has no native bf16 instructions (AVX512-BF16 or AMX), so bf16 is "
+            "emulated: on a 2-core AVX2 EPYC a ResNet-18 training step ran 17x slower in bf16 "
+            "than in fp32. --precision fp32 (or auto) will be much faster here"
         )
     return Precision(name=name, dtype=_DTYPES[name])
 
 
 def cpu_has_bf16_instructions() -> bool:
-    """True where oneDNN has native bf16 kernels (AVX512-BF16 or AMX); False: emulated."""
-    probe = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(probe()) if probe is not None else True
-    except Exception:  # a torch without the probe: assume native rather than warn wrongly
+    """True where the CPU computes in bf16 natively (AVX512-BF16 or AMX); False: emulated.
+
+    Elsewhere bf16 is converted to and from fp32 around fp32 arithmetic: 17x slower than
+    fp32 for a training step on an AVX2 CPU (measured); on AVX512 without BF16 it is also
+    emulated (not measured). If torch lacks the (private) probes, assume native, not warn.
+    """
+    probes = [getattr(torch.cpu, name, None) for name in _NATIVE_BF16_PROBES]
+    if any(probe is None for probe in probes):
         return True
+    try:
+        return any(bool(probe()) for probe in probes if probe is not None)
+    except Exception:
+        return True
+
+
+_NATIVE_BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -321,9 +322,15 @@ def _render(result: PretrainResult) -> None:
 
     console = output_console()
     state = "interrupted" if result.interrupted else "finished"
+    # Interrupted in its first epoch, a run has no finished epoch to report a loss for.
+    loss = (
+        f"last epoch's mean loss {result.final_loss:.4f}"
+        if math.isfinite(result.final_loss)
+        else "no epoch finished yet"
+    )
     console.print(
         f"{state}: {result.step} steps, {result.epochs_completed} epoch(s), "
-        f"last epoch's mean loss {result.final_loss:.4f}, {result.num_images} images "
+        f"{loss}, {result.num_images} images "
         f"({len(result.skipped)} skipped) in {result.seconds / 60:.1f} min",
         highlight=False,
         markup=False,
