@@ -71,11 +71,16 @@ def cpu_has_bf16_matrix_units() -> bool:
     forced = os.environ.get("SIMCLR_CPU_BF16", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x
+    return _cpu_probe("_is_amx_tile_supported") is True  # unknown: stay with fp32
+
+
+def _cpu_probe(name: str) -> bool | None:
+    """A private `torch.cpu` feature probe (torch 2.x); None where this torch has none."""
+    probe = getattr(torch.cpu, name, None)
     try:
-        return bool(probe()) if probe is not None else False
-    except Exception:  # an older or newer torch without it: stay with fp32
-        return False
+        return bool(probe()) if probe is not None else None
+    except Exception:  # an older or newer torch whose probe fails
+        return None
 
 
 def _mps_available() -> bool:
@@ -130,16 +135,8 @@ def cpu_has_bf16_instructions() -> bool:
     fp32 for a training step on an AVX2 CPU (measured); on AVX512 without BF16 it is also
     emulated (not measured). If torch lacks the (private) probes, assume native, not warn.
     """
-    probes = [getattr(torch.cpu, name, None) for name in _NATIVE_BF16_PROBES]
-    if any(probe is None for probe in probes):
-        return True
-    try:
-        return any(bool(probe()) for probe in probes if probe is not None)
-    except Exception:
-        return True
-
-
-_NATIVE_BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    answers = [_cpu_probe(name) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return None in answers or any(answers)
 
 
 @contextlib.contextmanager

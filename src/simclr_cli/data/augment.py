@@ -70,6 +70,10 @@ class ViewParams:
         moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)}
         return ViewParams(**moved)
 
+    def take(self, rows: torch.Tensor | slice) -> ViewParams:
+        """The parameters of some images only (an index tensor or a slice of the batch)."""
+        return ViewParams(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
 
 def blur_kernel_size(image_size: int) -> int:
     """Odd kernel side of about 10% of the image (23 for 224 px, as in the paper)."""
@@ -247,71 +251,45 @@ def _adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 _JITTER_OPS = (_adjust_brightness, _adjust_contrast, _adjust_saturation, _adjust_hue)
-_NO_JITTER = 24  # group key after the 24 orders of the four adjustments
+_NO_JITTER = 256  # above every key of an order of the four adjustments
 
 
 def _jitter_group_keys(params: ViewParams) -> torch.Tensor:
-    """(B,) the index of each image's adjustment order (0-23), or 24 for no jitter."""
+    """(B,) one key per order of the four adjustments (its digits in base 4), or _NO_JITTER."""
     order = params.jitter_order
-    code = order[:, 0] * 64 + order[:, 1] * 16 + order[:, 2] * 4 + order[:, 3]
-    code = torch.searchsorted(_ORDER_CODES.to(code.device), code)
-    return torch.where(params.jitter, code, _NO_JITTER)
+    key = order[:, 0] * 64 + order[:, 1] * 16 + order[:, 2] * 4 + order[:, 3]
+    return torch.where(params.jitter, key, _NO_JITTER)
 
 
-def _all_order_codes() -> torch.Tensor:
-    codes = sorted(
-        a * 64 + b * 16 + c * 4 + d
-        for a in range(4)
-        for b in range(4)
-        for c in range(4)
-        for d in range(4)
-        if len({a, b, c, d}) == 4
-    )
-    return torch.tensor(codes)
-
-
-_ORDER_CODES = _all_order_codes()
-
-
-def _adjust_groups(views: torch.Tensor, params: ViewParams) -> torch.Tensor:
+def _adjust_groups(views: torch.Tensor, params: ViewParams, keys: torch.Tensor) -> torch.Tensor:
     """Colour jitter (in each image's own order), grayscale and blur, in place.
 
-    The views must be grouped: all images with one jitter order adjacent (see `_grouped`).
-    Each group, a few images, is then finished as one contiguous slice that stays in cache
-    through every step, with no gather or scatter over the whole batch.
+    The views, the parameters (on the CPU) and their keys must be grouped: all images with
+    one jitter order adjacent (see `_finish_view`). Each group, a few images, is then finished
+    as one contiguous slice that stays in cache through every step, with no gather or scatter
+    over the whole batch. Which steps run where is read from the CPU parameters, so a batch
+    on a GPU is not synchronised once per group.
     """
-    keys = _jitter_group_keys(params).tolist()
-    factors = (params.brightness, params.contrast, params.saturation, params.hue)
+    on_device = params.to(views.device)
+    factors = (on_device.brightness, on_device.contrast, on_device.saturation, on_device.hue)
+    _, counts = torch.unique_consecutive(keys, return_counts=True)
     start = 0
-    while start < len(keys):
-        end = start
-        while end < len(keys) and keys[end] == keys[start]:
-            end += 1
+    for count in counts.tolist():
+        end = start + count
         group = views[start:end]
         if keys[start] != _NO_JITTER:
             for op_index in params.jitter_order[start].tolist():
                 _JITTER_OPS[op_index](group, factors[op_index][start:end])
-        gray = params.grayscale[start:end].nonzero().squeeze(1)
+        gray = params.grayscale[start:end].nonzero().squeeze(1).to(views.device)
         if gray.numel():
             group[gray] = _luma(group[gray]).expand(-1, 3, -1, -1)
-        blurred = params.blur[start:end].nonzero().squeeze(1)
+        blurred = params.blur[start:end].nonzero().squeeze(1).to(views.device)
         if blurred.numel():
             # Clamped because the kernel's weights may sum to 1 + a rounding error.
-            blur_sigma = params.blur_sigma[start:end][blurred]
+            blur_sigma = on_device.blur_sigma[start:end][blurred]
             group[blurred] = _gaussian_blur(group[blurred], blur_sigma).clamp_(0, 1)
         start = end
     return views
-
-
-def _grouped(params: ViewParams) -> tuple[ViewParams, torch.Tensor, torch.Tensor]:
-    """Reorder so that images sharing a jitter order are adjacent.
-
-    Returns the reordered parameters, the order (new position -> batch index) and its
-    inverse, which restores batch order.
-    """
-    order = torch.argsort(_jitter_group_keys(params), stable=True)
-    moved = {f.name: getattr(params, f.name)[order] for f in fields(params)}
-    return ViewParams(**moved), order, torch.argsort(order)
 
 
 def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -358,7 +336,7 @@ def _crop_views(
     if batch == 0:
         empty = torch.empty(0, 3, size, size, device=canvases.device)
         return [empty.clone() for _ in boxes_and_flips]
-    chunk = _CPU_CROP_CHUNK if canvases.device.type == "cpu" else max(batch, 1)
+    chunk = _CPU_CROP_CHUNK if canvases.device.type == "cpu" else batch
     scale = 1 / 255 if canvases.dtype == torch.uint8 else 1.0
     buffer = None
     parts: list[list[torch.Tensor]] = [[] for _ in boxes_and_flips]
@@ -380,9 +358,17 @@ def _crop_views(
 
 
 def _finish_view(crops: torch.Tensor, params: ViewParams) -> torch.Tensor:
-    """Colour jitter, grayscale and blur on cropped views (batch order in and out)."""
-    grouped, order, restore = _grouped(params)
-    return _adjust_groups(crops[order], grouped)[restore]
+    """Colour jitter, grayscale and blur on cropped views (batch order in and out).
+
+    The batch is reordered so that images sharing a jitter order are adjacent, finished
+    group by group, and put back in batch order.
+    """
+    host = params.to(torch.device("cpu"))
+    keys = _jitter_group_keys(host)
+    order = torch.argsort(keys, stable=True)
+    restore = torch.argsort(order).to(crops.device)
+    views = _adjust_groups(crops[order.to(crops.device)], host.take(order), keys[order])
+    return views[restore]
 
 
 def normalize(

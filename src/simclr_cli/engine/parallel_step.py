@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -71,10 +71,6 @@ class EpochShard:
         return self.start + torch.isin(share, file_indices).nonzero().squeeze(1)
 
 
-def _take(params: ViewParams, rows: torch.Tensor | slice) -> ViewParams:
-    return ViewParams(**{f.name: getattr(params, f.name)[rows] for f in fields(params)})
-
-
 @dataclass
 class StepViews:
     """Augmentation parameters of this process's images; pixels are made on request."""
@@ -117,7 +113,7 @@ class StepViews:
         params_a = sample_view_params(augment, sizes, generator)
         params_b = sample_view_params(augment, sizes, generator)
         if rows is not None:
-            params_a, params_b = _take(params_a, rows), _take(params_b, rows)
+            params_a, params_b = params_a.take(rows), params_b.take(rows)
         return cls(batch.canvases, params_a, params_b, augment, device)
 
     def __len__(self) -> int:
@@ -128,8 +124,8 @@ class StepViews:
         """Both views of images start..stop, first views first, (2m, 3, S, S)."""
         canvases = self.canvases[start:stop].to(self.device, non_blocking=True)
         part, augment = slice(start, stop), self.augment
-        view_a = normalize(apply_view(canvases, _take(self.params_a, part), augment), augment)
-        view_b = normalize(apply_view(canvases, _take(self.params_b, part), augment), augment)
+        view_a = normalize(apply_view(canvases, self.params_a.take(part), augment), augment)
+        view_b = normalize(apply_view(canvases, self.params_b.take(part), augment), augment)
         return torch.cat([view_a, view_b]).contiguous(memory_format=torch.channels_last)
 
 
