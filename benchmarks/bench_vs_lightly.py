@@ -120,6 +120,8 @@ class Job:
     work_dir: str
     step_batches: int
     init_baseline: bool = True
+    # glibc malloc keeps freed memory (simclr_cli.allocator), as the `simclr` command does.
+    keep_freed_memory: bool = False
 
 
 @dataclass
@@ -146,6 +148,7 @@ class JobResult:
     init_knn_top1: float = math.nan
     init_probe_top1: float = math.nan
     threads: int = 0
+    freed_memory_kept: bool = False  # keep_freed_memory() took effect in this job's process
 
 
 # --------------------------------------------------------------------------------------
@@ -767,10 +770,16 @@ def model_flops(
 
 def run_job(job: Job) -> JobResult:
     """Run one side for one seed in this process."""
+    from simclr_cli.allocator import keep_freed_memory
+
     if job.threads:
         torch.set_num_threads(job.threads)
+    # Before the job's first tensor. Process-wide: with --in-process it stays for later jobs.
+    kept = keep_freed_memory() if job.keep_freed_memory else False
     torch.manual_seed(job.seed)
-    return run_ours(job) if job.side == "ours" else run_lightly(job)
+    result = run_ours(job) if job.side == "ours" else run_lightly(job)
+    result.freed_memory_kept = kept
+    return result
 
 
 def _run_job_in_child(job: Job) -> JobResult:
@@ -1026,6 +1035,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=("fp32", "bf16"),
         help="lightly's side only (default: --precision); compares each tool at its own default",
     )
+    parser.add_argument(
+        "--lightly-allocator",
+        choices=("default", "kept"),
+        default="default",
+        help="lightly's side: glibc malloc as shipped (default), or keeping freed memory as "
+        "`simclr` does (simclr_cli.allocator), to compare at equal allocator settings; "
+        "SIMCLR_MALLOC=default turns it off for both sides",
+    )
     parser.add_argument("--arch", choices=("resnet18", "resnet50"), default="resnet18")
     parser.add_argument("--image-size", type=int, help="training side in px (default: per config)")
     parser.add_argument("--workers", type=int, default=1, help="data-loader workers, both sides")
@@ -1139,6 +1156,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "device": args.device,
             "sides": sides,
             "subprocess_per_job": not args.in_process,
+            "lightly_allocator": args.lightly_allocator,
         }
         results = []
         for seed in range(args.seeds):
@@ -1166,6 +1184,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     work_dir=str(work),
                     step_batches=args.step_batches,
                     init_baseline=not args.no_init_baseline and side == "ours",
+                    keep_freed_memory=side == "ours" or args.lightly_allocator == "kept",
                 )
                 results.append(run_job(job) if args.in_process else _run_job_in_child(job))
 
@@ -1180,7 +1199,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "jobs": [asdict(r) for r in results],
         }
     )
-    print(_headline(settings, bound, record["machine"]))
+    print(_headline(settings, bound, record["machine"], results))
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_plain_json(record), indent=2, default=str, allow_nan=False)
@@ -1205,7 +1224,21 @@ def _precisions(settings: dict[str, Any]) -> str:
     return ours if ours == theirs else f"ours {ours}, lightly {theirs}"
 
 
-def _headline(settings: dict[str, Any], bound: dict[str, Any], machine: dict[str, Any]) -> str:
+def _allocators(jobs: Sequence[JobResult]) -> str:
+    """Which side's process kept freed memory (simclr_cli.allocator), as measured."""
+    said = []
+    for side in sorted({job.side for job in jobs}):
+        kept = all(job.freed_memory_kept for job in jobs if job.side == side)
+        said.append(f"{side} {'keeps freed memory' if kept else 'as shipped (glibc default)'}")
+    return ", ".join(said)
+
+
+def _headline(
+    settings: dict[str, Any],
+    bound: dict[str, Any],
+    machine: dict[str, Any],
+    jobs: Sequence[JobResult] = (),
+) -> str:
     flops = bound["flops_per_image"]
     rates = ", ".join(f"{rate:.0f} GFLOP/s {name}" for name, rate in bound["matmul_gflops"].items())
     return (
@@ -1214,7 +1247,8 @@ def _headline(settings: dict[str, Any], bound: dict[str, Any], machine: dict[str
         f"{settings['batch_size']}, {settings['epochs']} epoch(s), {_precisions(settings)}, "
         f"{settings['optimizer']}, {settings['workers']} worker(s), {settings['threads']} "
         f"thread(s), {settings['seeds']} seed(s)\n"
-        f"machine: {machine['cpu_model']} | torch {machine['versions']['torch']} | lightly "
+        + (f"malloc: {_allocators(jobs)}\n" if jobs else "")
+        + f"machine: {machine['cpu_model']} | torch {machine['versions']['torch']} | lightly "
         f"{machine['versions']['lightly']} | load {machine['load_average_at_start'][0]:.1f}\n"
         f"bound: matmul {rates}; "
         f"{flops['train'] / 1e9:.2f} GFLOP per image trained (2 views, fwd+bwd), "

@@ -7,6 +7,10 @@ the plain pipeline (torchvision ImageFolder, Resize + CenterCrop + ToTensor + No
 DataLoader) and `embed_folder` (our loader, batch norm folded), then the encoder alone on
 ready batches with and without folding, and the matmul rate that bounds it.
 
+Like the `simclr` command, the script first makes glibc keep freed memory
+(simclr_cli.allocator); both pipelines run in this one process, so the plain one gets it
+too. `SIMCLR_MALLOC=default python benchmarks/embed_vs_plain.py` measures both without it.
+
     python benchmarks/embed_vs_plain.py --out benchmarks/results/embed-photos.json
 """
 
@@ -33,6 +37,7 @@ from bench_vs_lightly import (  # noqa: E402
     prepare_photos,
 )
 
+from simclr_cli.allocator import keep_freed_memory  # noqa: E402
 from simclr_cli.config import AugmentConfig, ModelConfig, RunConfig  # noqa: E402
 from simclr_cli.device import autocast, resolve_precision  # noqa: E402
 from simclr_cli.engine.embed import EmbedOptions, embed_folder  # noqa: E402
@@ -83,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--work-dir", type=Path)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    freed_memory_kept = keep_freed_memory()
     precisions = args.precision or ["fp32", "bf16"]
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="embed-bench-"))
     train_dir = work / "photos" / "train"
@@ -103,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": platform.processor() or platform.machine(),
         "model": str(args.model or "random resnet18"),
         "embed_gflop_per_image": flops["embed"] / 1e9,
+        "freed_memory_kept": freed_memory_kept,
         "results": {},
     }
     for precision in precisions:
@@ -153,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
     print(
         f"{count} photos at {args.image_size} px, batch {args.batch_size}, "
-        f"{args.workers} worker(s), {record['threads']} threads"
+        f"{args.workers} worker(s), {record['threads']} threads, "
+        f"malloc {'keeps freed memory' if freed_memory_kept else 'glibc default'}"
     )
     print(
         "| precision | plain img/s | simclr embed img/s | ratio | encoder alone (folded) "

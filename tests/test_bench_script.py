@@ -42,8 +42,27 @@ def _row(record: dict, metric: str) -> dict:
     return next(row for row in record["table"] if row["metric"] == metric)
 
 
+@pytest.fixture
+def malloc_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records calls to keep_freed_memory instead of changing malloc in the test process
+    (--in-process jobs run here); tests/test_allocator.py checks the real effect."""
+    import simclr_cli.allocator
+
+    calls: list[str] = []
+
+    def record() -> bool:
+        calls.append("keep_freed_memory")
+        return True
+
+    monkeypatch.setattr(simclr_cli.allocator, "keep_freed_memory", record)
+    return calls
+
+
 def test_our_engine_path_measures_and_records_everything(
-    bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    bench: ModuleType,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    malloc_calls: list[str],
 ) -> None:
     # Every column of our side is a real, positive measurement, and the JSON says how it ran.
     out = tmp_path / "results.json"
@@ -58,6 +77,8 @@ def test_our_engine_path_measures_and_records_everything(
         assert job[name] > 0, name
     assert 0 <= job["knn_top1"] <= 1 and 0 <= job["probe_top1"] <= 1
     assert math.isfinite(job["final_loss"])
+    # Like the `simclr` command, our side keeps freed memory; the record says it did.
+    assert malloc_calls == ["keep_freed_memory"] and job["freed_memory_kept"] is True
 
     bound = record["compute_bound"]
     # Only the precision in use is measured (TINY runs fp32), at --matmul-size at most.
@@ -75,14 +96,19 @@ def test_our_engine_path_measures_and_records_everything(
 
     printed = capsys.readouterr().out
     assert "pretrain end to end" in printed and "ours/lightly" in printed
+    assert "malloc: ours keeps freed memory" in printed
 
 
-def test_lightly_half_runs_when_lightly_is_installed(bench: ModuleType, tmp_path: Path) -> None:
+def test_lightly_half_runs_when_lightly_is_installed(
+    bench: ModuleType, tmp_path: Path, malloc_calls: list[str]
+) -> None:
     # The other half of the comparison, only where the optional `bench` extra is installed.
     pytest.importorskip("lightly")
     out = tmp_path / "results.json"
     bench.main([*TINY, "--sides", "lightly", "--work-dir", str(tmp_path / "w"), "--out", str(out)])
     job = json.loads(out.read_text())["jobs"][0]
+    # lightly as shipped: glibc's malloc settings untouched unless --lightly-allocator kept.
+    assert malloc_calls == [] and job["freed_memory_kept"] is False
     assert job["side"] == "lightly" and job["pretrain_steps"] == 1
     assert job["pretrain_images_per_s"] > 0 and job["step_images_per_s"] > 0
     assert 0 <= job["knn_top1"] <= 1

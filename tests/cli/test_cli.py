@@ -32,6 +32,25 @@ def test_python_dash_m_runs_the_same_cli() -> None:
     assert out.stdout.strip() == f"simclr-cli {__version__}"
 
 
+def test_the_command_keeps_freed_memory_before_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The console entry point sets malloc up for the process before the command runs (the
+    # effect itself is measured in tests/test_allocator.py).
+    import simclr_cli.allocator
+    import simclr_cli.console
+    from simclr_cli.cli.app import main
+
+    calls: list[str] = []
+    monkeypatch.setattr(simclr_cli.allocator, "keep_freed_memory", lambda: calls.append("k"))
+    # Recorded, not run: it would swap this test process's sys.stdout for good.
+    monkeypatch.setattr(
+        simclr_cli.console, "keep_going_when_the_reader_leaves", lambda: calls.append("pipe")
+    )
+    monkeypatch.setattr(sys, "argv", ["simclr", "--version"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0 and calls == ["pipe", "k"]
+
+
 def test_pretrain_flags_build_the_config_the_engine_receives(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -64,7 +64,10 @@ def _root(
 
 def main() -> None:
     """Console-script entry point."""
+    from simclr_cli.allocator import keep_freed_memory
     from simclr_cli.console import keep_going_when_the_reader_leaves
 
     keep_going_when_the_reader_leaves()
+    # Before any tensor exists; the process is ours, so process-wide malloc settings are too.
+    keep_freed_memory()
     app()
