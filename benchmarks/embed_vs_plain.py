@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     for precision in precisions:
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-        peak = matmul_gflops(2048, dtype, cpu)
+        peak = matmul_gflops(2048, dtype, cpu)["gflops"]
         plain, ours = [], []
         for turn in range(args.repeats):
             _, _, seconds = plain_features(

@@ -7,9 +7,9 @@ blocks are freed) with a fresh `mmap` and unmaps them on `free`, so every step t
 pages anew: 1.3-1.5 million minor page faults and 3-4 CPU-seconds in the kernel per step,
 measured on a 2-core AMD EPYC (torch 2.14.1, fp32). With both thresholds raised, the memory
 freed by one step is reused by the next: no page faults after the first step, and a model
-step took 11.2 s instead of 12.7 s (32 px, small stem) and 7.0 s instead of 8.3 s (96 px),
-(benchmarks/README.md, "Allocator"). PyTorch's CPU tuning guide reaches the same end by
-preloading jemalloc or tcmalloc; `mallopt` needs no extra library and no re-exec.
+step took 11.2 s instead of 12.7 s (32 px, small stem) and 7.0 s instead of 8.3 s (96 px)
+(benchmarks/README.md, "Keeping freed memory"). PyTorch's CPU tuning guide reaches the same
+end by preloading jemalloc or tcmalloc; `mallopt` needs no extra library and no re-exec.
 
 The cost: memory a step frees stays counted in the process's resident size until the process
 exits, so RSS reads as its peak rather than falling between steps. The peak itself does not
@@ -41,7 +41,9 @@ def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process; True when both took effect.
 
     Call it once, early, from the process that owns the run (the `simclr` command does):
-    it changes malloc for the whole process, including data-loader workers forked later.
+    it changes malloc for the whole process. Data-loader workers inherit it only when they
+    are forked (Linux's default start method up to Python 3.13; 3.14 starts them from a
+    fork server, which keeps glibc's defaults). They only decode images, so little is lost.
     """
     if os.environ.get(OPT_OUT_VARIABLE, "").strip().lower() == "default":
         return False

@@ -67,8 +67,13 @@ class CanvasBatch:
 
 def default_num_workers() -> int:
     """One worker per spare core, at most 8; none on a single-core machine."""
+    return max(0, min(8, usable_cores() - 1))
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min(8, (cores or 1) - 1))
+    return cores or 1
 
 
 def batches_per_epoch(num_images: int, batch_size: int) -> int:
@@ -156,13 +161,17 @@ class ImageBatches:
 
         Batches arrive in file order, so good canvases are packed at the front of one
         preallocated tensor as they come: peak memory is the cache itself, not twice it.
+        Nothing else runs while the cache fills, so it decodes with one worker per core (at
+        most 8) rather than the training loader's spare-core count; `num_workers=0` still
+        means decoding in this process.
         """
         count, side = len(self.paths), self.canvas_size
         canvases = torch.empty(count, 3, side, side, dtype=torch.uint8)
         sizes = torch.empty(count, 2, dtype=torch.long)
         indices = torch.empty(count, dtype=torch.long)
         filled = 0
-        for batch in self._load(list(range(count)), batch_size=batch_size):
+        workers = min(8, max(self.num_workers, usable_cores())) if self.num_workers else 0
+        for batch in self._load(list(range(count)), batch_size=batch_size, num_workers=workers):
             end = filled + len(batch.indices)
             canvases[filled:end], sizes[filled:end] = batch.canvases, batch.sizes
             indices[filled:end] = batch.indices
@@ -200,19 +209,25 @@ class ImageBatches:
         yield from self._load(files, batch_size=batch_size, keep_empty=keep_empty)
 
     def _load(
-        self, file_indices: list[int], *, batch_size: int, keep_empty: bool = False
+        self,
+        file_indices: list[int],
+        *,
+        batch_size: int,
+        keep_empty: bool = False,
+        num_workers: int | None = None,
     ) -> Iterator[CanvasBatch]:
+        workers = self.num_workers if num_workers is None else num_workers
         batches = [
             file_indices[i : i + batch_size] for i in range(0, len(file_indices), batch_size)
         ]
         loader = DataLoader(
             self._dataset,
             batch_sampler=batches,
-            num_workers=self.num_workers,
+            num_workers=workers,
             collate_fn=_collate,
             persistent_workers=False,
             # A worker stuck on a file (a stalled network mount, say) must not hang the run.
-            timeout=WORKER_TIMEOUT_S if self.num_workers else 0,
+            timeout=WORKER_TIMEOUT_S if workers else 0,
         )
         try:
             for batch, failures in loader:
