@@ -7,9 +7,11 @@ blocks are freed) with a fresh `mmap` and unmaps them on `free`, so every step t
 pages anew: 1.3-1.5 million minor page faults and 3-4 CPU-seconds in the kernel per step,
 measured on a 2-core AMD EPYC (torch 2.14.1, fp32). With both thresholds raised, the memory
 freed by one step is reused by the next: no page faults after the first step, and a model
-step took 11.2 s instead of 12.7 s (32 px, small stem) and 7.0 s instead of 8.3 s (96 px)
-(benchmarks/README.md, "Keeping freed memory"). PyTorch's CPU tuning guide reaches the same
-end by preloading jemalloc or tcmalloc; `mallopt` needs no extra library and no re-exec.
+step took 11.2 s instead of 12.7 s (32 px, small stem) and 7.0 s instead of 8.3 s (96 px);
+on a 2-core Xeon with AMX, 2.23 s instead of 2.85 s in bf16 at 32 px and 5.88 s instead of
+6.90 s in fp32 (benchmarks/README.md, "Keeping freed memory"). PyTorch's CPU tuning guide
+reaches the same end by preloading jemalloc or tcmalloc; `mallopt` needs no extra library
+and no re-exec.
 
 The cost: memory a step frees stays counted in the process's resident size until the process
 exits, so RSS reads as its peak rather than falling between steps. The peak itself does not
