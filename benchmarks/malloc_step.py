@@ -2,11 +2,11 @@
 
 Each measurement is a fresh interpreter that builds the engine's ResNet-18 + projection head
 (channels-last, LARS, NT-Xent in fp32, as in engine/pretrain.py; `--precision bf16`
-autocasts the model as the engine does) and times `--steps` training
-steps on one ready batch of random views, with the minor page faults and kernel CPU time of
-each step. One interpreter keeps freed memory, as the `simclr` command does; the other runs
-with `SIMCLR_MALLOC=default` (glibc as shipped). The first step of each is left out of the
-medians: it maps the memory either way.
+autocasts the model as the engine does) and times `--steps` training steps on one ready
+batch of random views, with the minor page faults and kernel CPU time of each step and the
+interpreter's peak resident memory. One interpreter keeps freed memory, as the `simclr`
+command does; the other runs with `SIMCLR_MALLOC=default` (glibc as shipped). The first
+step of each is left out of the medians: it maps the memory either way.
 
     python benchmarks/malloc_step.py --sizes 32 96 --rounds 2
 """
@@ -92,8 +92,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "precision": args.precision,
         "loadavg_start": os.getloadavg(),
     }
-    print("| size | malloc | step s (median) | minor faults / step | kernel CPU s / step |")
-    print("|---|---|---|---|---|")
+    print(
+        "| size | malloc | step s (median) | minor faults / step | kernel CPU s / step "
+        "| peak RSS MiB |"
+    )
+    print("|---|---|---|---|---|---|")
     for size in args.sizes:
         runs: dict[str, list[dict[str, Any]]] = {"glibc default": [], "keeps freed memory": []}
         for _ in range(args.rounds):
@@ -106,10 +109,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         record[str(size)] = runs
         for name, results in runs.items():
             later = [step for result in results for step in result["steps"][1:]]
+            peaks = " / ".join(f"{result['peak_rss_mib']:,.0f}" for result in results)
             print(
                 f"| {size} px | {name} | {statistics.median(s['seconds'] for s in later):.2f} "
                 f"| {statistics.median(s['minor_faults'] for s in later):,.0f} "
-                f"| {statistics.median(s['system_s'] for s in later):.2f} |"
+                f"| {statistics.median(s['system_s'] for s in later):.2f} "
+                f"| {peaks} |"
             )
     record["loadavg_end"] = os.getloadavg()
     print(f"load average {record['loadavg_start'][0]:.1f} -> {record['loadavg_end'][0]:.1f}")

@@ -89,10 +89,16 @@ def out_of_memory_message(error: BaseException) -> str | None:
         where = "the GPU"
     if where is None:
         return None
+    from simclr_cli.allocator import freed_memory_kept
+
+    malloc_hint = ""
+    if where == "the CPU (RAM)" and freed_memory_kept():
+        # Keeping freed memory for speed raises the peak by a third to a half (allocator.py).
+        malloc_hint = ", or SIMCLR_MALLOC=default (a lower peak, slower steps)"
     return (
         f"out of memory on {where}; lower --batch-size, or for pretrain keep the batch and "
         "add --chunk-size 64 (gradient cache: the same step in less memory) or --precision "
-        "bf16. Checkpoints already written are intact"
+        f"bf16{malloc_hint}. Checkpoints already written are intact"
     )
 
 

@@ -241,6 +241,54 @@ def test_running_out_of_memory_in_a_step_is_one_actionable_line(
     assert "Traceback" not in result.output
 
 
+def test_cpu_out_of_memory_names_the_malloc_setting_only_when_it_is_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import simclr_cli.allocator
+    from simclr_cli.errors import out_of_memory_message
+
+    error = RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried")
+    monkeypatch.setattr(simclr_cli.allocator, "_kept", True)
+    kept = out_of_memory_message(error)
+    monkeypatch.setattr(simclr_cli.allocator, "_kept", False)
+    shipped = out_of_memory_message(error)
+    assert kept is not None and "SIMCLR_MALLOC=default" in kept
+    assert shipped is not None and "SIMCLR_MALLOC" not in shipped
+    gpu = out_of_memory_message(torch_oom())
+    assert gpu is not None and "SIMCLR_MALLOC" not in gpu
+
+
+def torch_oom() -> BaseException:
+    import torch
+
+    return torch.OutOfMemoryError("Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total)")
+
+
+def test_an_unknown_malloc_setting_is_one_warning_line_and_the_command_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import simclr_cli.allocator
+    import simclr_cli.console
+    from simclr_cli.cli.app import main
+
+    calls: list[str] = []
+    monkeypatch.setattr(simclr_cli.allocator, "keep_freed_memory", lambda: calls.append("k"))
+    monkeypatch.setattr(simclr_cli.console, "keep_going_when_the_reader_leaves", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["simclr", "--version"])
+    for value, warned in (("bogus", True), ("default", False), ("Keep", False), ("", False)):
+        monkeypatch.setenv("SIMCLR_MALLOC", value)
+        with pytest.raises(SystemExit) as done:
+            main()
+        err = capsys.readouterr().err
+        assert done.value.code == 0
+        if warned:
+            assert err.count("\n") == 1 and err.startswith("warning: SIMCLR_MALLOC='bogus'")
+            assert "'default'" in err
+        else:
+            assert "SIMCLR_MALLOC" not in err
+    assert calls == ["k"] * 4
+
+
 def test_cuda_out_of_memory_is_recognised_by_its_type() -> None:
     import torch
 

@@ -291,3 +291,20 @@ def test_an_existing_run_is_refused_before_any_image_is_decoded(
     with pytest.raises(ConfigError, match="already holds a run"):
         pretrain(tiny_config(few_digits, run, epochs=1), reporter=reporter)
     assert not any("decoding" in line for line in reporter.lines), reporter.lines
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_the_run_says_whether_freed_memory_was_kept(
+    few_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kept: bool
+) -> None:
+    # The malloc setting changes speed and peak memory, so the log and metrics name it.
+    import simclr_cli.allocator
+
+    monkeypatch.setattr(simclr_cli.allocator, "_kept", kept)
+    reporter = Messages()
+    result = pretrain(tiny_config(few_digits, tmp_path / "run", epochs=1), reporter=reporter)
+    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    start = next(r for r in map(json.loads, lines) if r["kind"] == "start")
+    assert start["freed_memory_kept"] is kept
+    banner = reporter.lines[0]
+    assert banner.startswith("simclr ") and ("malloc keeps freed memory" in banner) is kept

@@ -6,6 +6,7 @@ and `simclr --version` stay fast.
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -64,10 +65,13 @@ def _root(
 
 def main() -> None:
     """Console-script entry point."""
-    from simclr_cli.allocator import keep_freed_memory
+    from simclr_cli.allocator import keep_freed_memory, setting_problem
     from simclr_cli.console import keep_going_when_the_reader_leaves
 
     keep_going_when_the_reader_leaves()
+    problem = setting_problem()
+    if problem is not None:
+        print(f"warning: {problem}", file=sys.stderr)
     # Before any tensor exists; the process is ours, so process-wide malloc settings are too.
     keep_freed_memory()
     app()

@@ -331,7 +331,7 @@ def _describe_failure(path: str | Path, exc: Exception, max_pixels: int | None =
     if isinstance(exc, FileNotFoundError):
         return "a link to nothing (its target is gone)" if os.path.islink(path) else "no such file"
     if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
-        return "a symbolic link that loops (it points back at itself)"
+        return "a symbolic link that loops (following it leads back to a link already followed)"
     if isinstance(exc, IsADirectoryError):
         return "is a folder, not an image file"
     if isinstance(exc, (OSError, SyntaxError, EOFError)):

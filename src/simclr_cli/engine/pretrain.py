@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from simclr_cli import __version__
+from simclr_cli.allocator import freed_memory_kept
 from simclr_cli.checkpoint import (
     atomic_write,
     load_checkpoint,
@@ -430,6 +431,7 @@ def _start_record(
         "torch_version": torch.__version__,
         "device": str(device),
         "precision": precision.name,
+        "freed_memory_kept": freed_memory_kept(),
         "images": num_images,
         "steps_per_epoch": steps_per_epoch,
         "peak_lr": resolved_lr(config.optim, config.train.global_batch_size),
@@ -451,7 +453,8 @@ def _banner(config: RunConfig, *, device: torch.device, precision: Precision, ru
         f"precision {precision.name} | {config.model.arch} at {augment.image_size} px | "
         f"batch {train.global_batch_size} | {train.epochs} "
         f"epoch{'s' if train.epochs != 1 else ''} | {config.optim.optimizer} "
-        f"lr {lr:.4g} | temperature {train.temperature} | run {run_dir}"
+        f"lr {lr:.4g} | temperature {train.temperature} | "
+        f"{'malloc keeps freed memory | ' if freed_memory_kept() else ''}run {run_dir}"
     )
 
 
