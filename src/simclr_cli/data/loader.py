@@ -70,6 +70,19 @@ def default_num_workers() -> int:
     return max(0, min(8, usable_cores() - 1))
 
 
+def cache_fill_workers(requested: int | None) -> int:
+    """Decoding workers for filling the in-memory cache, given the user's `--workers`.
+
+    Nothing else runs while the cache fills, so by default it decodes with one worker per
+    core (at most 8), not the training loader's spare-core count. A count the user chose is
+    kept as given: a lower one may be what fits a small /dev/shm (docker's 64 MB default).
+    """
+    if requested is not None:
+        return requested
+    cores = usable_cores()
+    return min(8, cores) if cores > 1 else 0
+
+
 def usable_cores() -> int:
     """Cores this process may run on (its affinity mask where the OS has one)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -156,22 +169,20 @@ class ImageBatches:
         """Memory the decoded canvases of every file would take."""
         return len(self.paths) * 3 * self.canvas_size**2
 
-    def cache(self, batch_size: int = 64) -> None:
+    def cache(self, batch_size: int = 64, *, num_workers: int | None = None) -> None:
         """Decode every image once and keep the canvases in RAM; bad files are dropped.
 
         Batches arrive in file order, so good canvases are packed at the front of one
         preallocated tensor as they come: peak memory is the cache itself, not twice it.
-        Nothing else runs while the cache fills, so it decodes with one worker per core (at
-        most 8) rather than the training loader's spare-core count; `num_workers=0` still
-        means decoding in this process.
+        `num_workers` overrides the loader's worker count for this pass only (see
+        `cache_fill_workers`).
         """
         count, side = len(self.paths), self.canvas_size
         canvases = torch.empty(count, 3, side, side, dtype=torch.uint8)
         sizes = torch.empty(count, 2, dtype=torch.long)
         indices = torch.empty(count, dtype=torch.long)
         filled = 0
-        workers = min(8, max(self.num_workers, usable_cores())) if self.num_workers else 0
-        for batch in self._load(list(range(count)), batch_size=batch_size, num_workers=workers):
+        for batch in self._load(list(range(count)), batch_size=batch_size, num_workers=num_workers):
             end = filled + len(batch.indices)
             canvases[filled:end], sizes[filled:end] = batch.canvases, batch.sizes
             indices[filled:end] = batch.indices

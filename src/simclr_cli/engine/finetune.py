@@ -34,7 +34,12 @@ from simclr_cli.config import AugmentConfig
 from simclr_cli.data.augment import apply_view, center_view, normalize, sample_view_params
 from simclr_cli.data.images import RUN_MARKER
 from simclr_cli.data.labeled import LabeledImages, align_classes, balanced_subset, scan_labeled
-from simclr_cli.data.loader import ImageBatches, SkipLog, default_num_workers
+from simclr_cli.data.loader import (
+    ImageBatches,
+    SkipLog,
+    cache_fill_workers,
+    default_num_workers,
+)
 from simclr_cli.device import Precision, autocast, resolve_device, resolve_precision
 from simclr_cli.engine.interrupts import stop_on_signal
 from simclr_cli.engine.metrics import MetricsLog, plot_loss_curve
@@ -218,7 +223,8 @@ def finetune(
         f"fine-tuning on {len(labelled)} labelled images ({_subset_text(config, everything)}) of "
         f"{len(everything)}, {num_classes} classes"
     )
-    data.cache()  # a labelled subset is small; decode it once
+    # A labelled subset is small; decode it once.
+    data.cache(num_workers=cache_fill_workers(config.num_workers))
     if len(data.readable_indices) < 2:
         raise DataError(f"{config.train_dir}: fewer than two readable labelled images")
     labels = torch.tensor(labelled.labels, dtype=torch.long)

@@ -45,7 +45,13 @@ from simclr_cli.config import (
 )
 from simclr_cli.data.augment import make_views
 from simclr_cli.data.images import RUN_MARKER, scan_images
-from simclr_cli.data.loader import ImageBatches, SkipLog, batches_per_epoch, default_num_workers
+from simclr_cli.data.loader import (
+    ImageBatches,
+    SkipLog,
+    batches_per_epoch,
+    cache_fill_workers,
+    default_num_workers,
+)
 from simclr_cli.device import Precision, autocast, resolve_precision
 from simclr_cli.distributed import DistContext, convert_sync_batchnorm, setup, teardown
 from simclr_cli.engine.grad_cache import freeze_batchnorm
@@ -479,7 +485,7 @@ def _prepare_data(
         size = data.canvas_bytes()
         shown = format_bytes(size)
         reporter.message(f"decoding {len(paths)} images into memory ({shown})")
-        data.cache()
+        data.cache(num_workers=cache_fill_workers(train.num_workers))
     elif _first_readable(data) is None:
         raise DataError(f"{train.data_dir}: none of the {len(paths)} image files could be read")
     readable = len(data.readable_indices)
