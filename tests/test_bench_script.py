@@ -6,17 +6,13 @@ benchmarks, only proof that every measurement is taken and recorded.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vs_lightly.py"
 
 # 20 digits (2 per class), one step of 16, tiny matmuls: well under 20 s on two idle cores.
 TINY = [
@@ -27,15 +23,8 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def bench() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("bench_vs_lightly", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # Dataclasses look their module up by name while the file executes.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def bench(load_benchmark: Callable[[str], ModuleType]) -> ModuleType:
+    return load_benchmark("bench_vs_lightly")
 
 
 def _row(record: dict, metric: str) -> dict:

@@ -6,10 +6,8 @@ proves that each measurement is taken, recorded and consistent with the others.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -17,22 +15,10 @@ import pytest
 
 pytest.importorskip("skimage")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "embed_vs_plain.py"
-
 
 @pytest.fixture(scope="module")
-def embed_bench() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("embed_vs_plain", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)  # puts benchmarks/ on sys.path for its sibling import
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        if str(SCRIPT.parent) in sys.path:
-            sys.path.remove(str(SCRIPT.parent))
+def embed_bench(load_benchmark: Callable[[str], ModuleType]) -> ModuleType:
+    return load_benchmark("embed_vs_plain")
 
 
 def test_embed_comparison_records_both_pipelines_and_the_bound(

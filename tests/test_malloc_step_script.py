@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "malloc_step.py"
 
 
 @pytest.mark.skipif(
     sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc only"
 )
 def test_both_allocator_settings_are_measured_and_recorded(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    load_benchmark: Callable[[str], ModuleType],
 ) -> None:
-    spec = importlib.util.spec_from_file_location("malloc_step", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("malloc_step")
     out = tmp_path / "record.json"
     # Two tiny steps per fresh interpreter: the numbers mean nothing, the plumbing must hold.
     args = ["--sizes", "16", "--steps", "2", "--batch-size", "8", "--rounds", "1"]
