@@ -87,9 +87,9 @@ def setting_problem() -> str | None:
     An unknown value is treated as unset (freed memory is kept), not as an error: the
     variable changes speed and memory, never results.
     """
-    raw = os.environ.get(OPT_OUT_VARIABLE)
-    if raw is None or raw.strip().lower() in ("", *_VALUES):
+    if _requested() in ("", *_VALUES):
         return None
+    raw = os.environ[OPT_OUT_VARIABLE]
     return (
         f"{OPT_OUT_VARIABLE}={raw!r} is not understood (use 'default' for glibc's settings, "
         "or 'keep'); freed memory is kept"
