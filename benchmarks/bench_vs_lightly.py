@@ -137,6 +137,10 @@ class JobResult:
     final_loss: float = math.nan
     step_images_per_s: float = math.nan
     step_seconds: list[float] = field(default_factory=list)
+    # Ours only: each training step inside the pretraining run (views + model), from its
+    # metrics.jsonl; with `pretrain_seconds` it splits end to end / model step into the step
+    # as the run sees it and the time outside steps (start, checkpoints, plots, export).
+    run_step_seconds: list[float] = field(default_factory=list)
     embed_images_per_s: float = math.nan  # ours: embed_folder; lightly: not measured (nan)
     plain_embed_images_per_s: float = math.nan  # PIL + torchvision pipeline, same encoder
     embed_rows: int = 0
@@ -446,6 +450,20 @@ def _our_step_rate(job: Job, config: Any, device: torch.device) -> list[float]:
     return seconds[1:]  # the first step allocates buffers and picks kernels
 
 
+def _run_step_seconds(metrics_path: Path, images_per_step: int) -> list[float]:
+    """Seconds of each training step of a run, as its metrics.jsonl records them.
+
+    The engine logs `images_per_s` = images of the batch / seconds of the step, views
+    included; every step of this benchmark's runs has a full batch of `images_per_step`.
+    """
+    seconds = []
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "step":
+            seconds.append(images_per_step / record["images_per_s"])
+    return seconds
+
+
 def run_ours(job: Job) -> JobResult:
     """Pretrain, step-only, embed and evaluate with simclr-cli's engine."""
     from simclr_cli.device import resolve_device
@@ -473,6 +491,7 @@ def run_ours(job: Job) -> JobResult:
     result.pretrain_seconds = outcome.seconds
     result.pretrain_images_per_s = outcome.step * result.images_per_step / outcome.seconds
     result.final_loss = outcome.final_loss
+    result.run_step_seconds = _run_step_seconds(run_dir / "metrics.jsonl", result.images_per_step)
 
     _say(job, "model step only")
     result.step_seconds = _our_step_rate(job, config, device)
@@ -948,14 +967,25 @@ def summarise(
     add("linear probe at random init", "%", lambda r: 100 * r.init_probe_top1)
     ours_e2e = rows[0]["ours"]["mean"]
     ours_step = rows[1]["ours"]["mean"]
-    rows.append(
-        {
-            "metric": "ours: end to end / model step",
-            "unit": "",
-            "ours": {"mean": ours_e2e / ours_step, "values": []},
-            "theirs": {"mean": math.nan, "values": []},
-            "ratio": math.nan,
-        }
+
+    def ours_only(name: str, values: list[float]) -> None:
+        stats = _stats(values)
+        theirs = {"mean": math.nan, "values": []}
+        rows.append({"metric": name, "unit": "", "ours": stats, "theirs": theirs, "ratio": nan})
+
+    nan = math.nan
+    ours_only("ours: end to end / model step", [ours_e2e / ours_step])
+    # The two factors of that ratio, per seed: how fast a step runs inside the run (views
+    # and all) against the model step alone, and the share of the run's time spent in steps.
+    timed = [r for r in ours if r.run_step_seconds]
+    ours_only(
+        "  step in the run / model step",
+        [r.images_per_step / float(np.median(r.run_step_seconds)) / r.step_images_per_s
+         for r in timed],
+    )  # fmt: skip
+    ours_only(
+        "  share of the run in steps",
+        [sum(r.run_step_seconds) / r.pretrain_seconds for r in timed],
     )
     return rows
 

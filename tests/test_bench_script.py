@@ -66,6 +66,12 @@ def test_our_engine_path_measures_and_records_everything(
         assert job[name] > 0, name
     assert 0 <= job["knn_top1"] <= 1 and 0 <= job["probe_top1"] <= 1
     assert math.isfinite(job["final_loss"])
+    # One in-run time per step, read back from the run's metrics.jsonl, inside the run's time.
+    assert len(job["run_step_seconds"]) == job["pretrain_steps"]
+    assert 0 < sum(job["run_step_seconds"]) < job["pretrain_seconds"]
+    share = _row(record, "  share of the run in steps")["ours"]["values"][0]
+    assert share == pytest.approx(sum(job["run_step_seconds"]) / job["pretrain_seconds"])
+    assert _row(record, "  step in the run / model step")["ours"]["values"][0] > 0
     # Like the `simclr` command, our side keeps freed memory; the record says it did.
     assert malloc_calls == ["keep_freed_memory"] and job["freed_memory_kept"] is True
 

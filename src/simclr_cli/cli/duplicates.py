@@ -16,6 +16,7 @@ from simclr_cli.cli._common import (
     user_errors,
 )
 from simclr_cli.cli.neighbors import IndexOption, SearchOption
+from simclr_cli.threads import let_idle_threads_sleep
 
 if TYPE_CHECKING:
     from simclr_cli.engine.duplicates import DuplicateGroup
@@ -63,6 +64,7 @@ def duplicates_command(
     quiet: QuietOption = False,
 ) -> None:
     """Find groups of near-duplicate images (similar to the model, confirmed by pixels)."""
+    let_idle_threads_sleep()  # before torch loads (simclr_cli/threads.py)
     from simclr_cli.console import make_reporter, output_console, setup_logging
     from simclr_cli.device import resolve_device
     from simclr_cli.engine.duplicates import (

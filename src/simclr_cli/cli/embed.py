@@ -19,6 +19,7 @@ from simclr_cli.cli._common import (
     WorkersOption,
     user_errors,
 )
+from simclr_cli.threads import let_idle_threads_sleep
 
 
 def embed_command(
@@ -55,6 +56,7 @@ def embed_command(
     quiet: QuietOption = False,
 ) -> None:
     """Embed every image in a folder; rows follow the manifest, in the folder's sorted order."""
+    let_idle_threads_sleep()  # before torch loads (simclr_cli/threads.py)
     from simclr_cli.console import error_console, make_reporter, output_console, setup_logging
     from simclr_cli.engine.embed import EmbedOptions, embed_folder
     from simclr_cli.engine.interrupts import interrupt_on_signal

@@ -20,6 +20,7 @@ from simclr_cli.cli._common import (
     check_output,
     user_errors,
 )
+from simclr_cli.threads import let_idle_threads_sleep
 
 if TYPE_CHECKING:
     from simclr_cli.engine.evaluate import EvalResult
@@ -83,6 +84,7 @@ def eval_command(
     quiet: QuietOption = False,
 ) -> None:
     """Measure the frozen encoder's features: kNN and linear-probe accuracy, with baselines."""
+    let_idle_threads_sleep()  # before torch loads (simclr_cli/threads.py)
     from simclr_cli.console import make_reporter, setup_logging
     from simclr_cli.engine.evaluate import EvalOptions, evaluate
 

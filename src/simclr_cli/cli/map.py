@@ -9,6 +9,7 @@ import typer
 
 from simclr_cli.cli._common import QuietOption, VerboseOption, check_output, user_errors
 from simclr_cli.cli.neighbors import IndexOption
+from simclr_cli.threads import let_idle_threads_sleep
 
 
 def map_command(
@@ -32,6 +33,7 @@ def map_command(
     quiet: QuietOption = False,
 ) -> None:
     """Lay the images out so that similar ones sit together; hover the HTML for file names."""
+    let_idle_threads_sleep()  # before torch loads (simclr_cli/threads.py)
     from simclr_cli.console import output_console, setup_logging
     from simclr_cli.engine.embeddings import load_embeddings
     from simclr_cli.engine.layout import compute_layout, draw_map_png, write_map_html

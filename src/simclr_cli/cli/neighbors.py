@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from simclr_cli.cli._common import DeviceOption, QuietOption, VerboseOption, user_errors
+from simclr_cli.threads import let_idle_threads_sleep
 
 IndexOption = Annotated[
     Path,
@@ -55,6 +56,7 @@ def neighbors_command(
     quiet: QuietOption = False,
 ) -> None:
     """Print the k nearest images of each query with their cosine similarity; draw a sheet."""
+    let_idle_threads_sleep()  # before torch loads (simclr_cli/threads.py)
     from simclr_cli.console import output_console, setup_logging
     from simclr_cli.engine.embeddings import load_embeddings
     from simclr_cli.engine.neighbors import expand_queries, find_neighbors, write_neighbor_sheets

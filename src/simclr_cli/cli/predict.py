@@ -19,6 +19,7 @@ from simclr_cli.cli._common import (
     check_output,
     user_errors,
 )
+from simclr_cli.threads import let_idle_threads_sleep
 
 
 def predict_command(
@@ -48,6 +49,7 @@ def predict_command(
     quiet: QuietOption = False,
 ) -> None:
     """Predict a class for every image; unreadable files are listed in the CSV, not fatal."""
+    let_idle_threads_sleep()  # before torch loads (simclr_cli/threads.py)
     from simclr_cli.console import make_reporter, output_console, setup_logging
     from simclr_cli.engine.predict import PredictOptions, predict_folder
 
