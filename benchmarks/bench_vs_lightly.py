@@ -971,9 +971,10 @@ def summarise(
     def ours_only(name: str, values: list[float]) -> None:
         stats = _stats(values)
         theirs = {"mean": math.nan, "values": []}
-        rows.append({"metric": name, "unit": "", "ours": stats, "theirs": theirs, "ratio": nan})
+        rows.append(
+            {"metric": name, "unit": "", "ours": stats, "theirs": theirs, "ratio": math.nan}
+        )
 
-    nan = math.nan
     ours_only("ours: end to end / model step", [ours_e2e / ours_step])
     # The two factors of that ratio, per seed: how fast a step runs inside the run (views
     # and all) against the model step alone, and the share of the run's time spent in steps.
