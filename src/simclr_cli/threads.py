@@ -7,8 +7,8 @@ GNU OpenMP (the runtime in torch's Linux wheels) keeps its idle threads spinning
 while, and on a machine with as many threads as cores that spinning takes the core the
 decoding worker needs. With `OMP_WAIT_POLICY=PASSIVE` idle threads sleep at once. Measured
 on a 2-core Xeon with AMX (torch 2.14.1, 3,000 JPEG photo crops at 96 px, one worker;
-benchmarks/README.md, "Idle threads"): `simclr embed` in fp32 ran 4-9% faster, in bf16
-12-17%.
+benchmarks/README.md, "Idle threads"): the whole `simclr embed` command, interpreter start
+included, ran 4% faster in fp32 and 11% in bf16; the embedding alone, 4-9% and 12-17%.
 
 Training keeps the default: its data comes from memory, nothing else wants the cores, and
 a model step measured about 1% slower with passive waiting. The runtime reads the variable

@@ -19,7 +19,10 @@ ImageSizeOption = Annotated[
     typer.Option(
         "--image-size",
         "--size",
-        help="Training resolution (default: 224; use 32-96 for small images or CPUs).",
+        help=(
+            "Training resolution (default: 224; 96 on CPUs). 64 or less switches to the "
+            "small-image stem, which is slower per image."
+        ),
         rich_help_panel=AUGMENT_PANEL,
     ),
 ]

@@ -7,7 +7,13 @@ from typing import Annotated
 
 import typer
 
-from simclr_cli.cli._common import DeviceOption, QuietOption, VerboseOption, user_errors
+from simclr_cli.cli._common import (
+    DeviceOption,
+    QuietOption,
+    VerboseOption,
+    print_error,
+    user_errors,
+)
 
 
 def demo_command(
@@ -31,6 +37,12 @@ def demo_command(
         result = run_demo(
             out, epochs=epochs, device=device, seed=seed, reporter=make_reporter(quiet=quiet)
         )
+    if result.interrupted:
+        print_error(
+            "the demo stopped before pretraining finished, so there is no result to show; run "
+            "the same `simclr demo` command again to continue from its last checkpoint"
+        )
+        raise typer.Exit(code=130)  # as `simclr pretrain` does after Ctrl-C
     from rich.table import Table
 
     table = Table(title=f"kNN top-1 on {result.test_images} held-out digits (k=20)")

@@ -7,6 +7,7 @@ pretrained encoder and for the very same encoder at its random initialisation, i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -37,6 +38,9 @@ class DemoResult:
     knn_pretrained: float
     pretrain_seconds: float
     final_loss: float
+    # Ctrl-C stopped pretraining: its checkpoint is saved and knn_pretrained is nan, since a
+    # partly trained encoder would be reported as the demo's result.
+    interrupted: bool = False
 
     @property
     def gain(self) -> float:
@@ -98,10 +102,12 @@ def run_demo(
     reporter.message("kNN with the randomly initialised encoder (the baseline)")
     baseline = _knn_accuracy(random_init, train_dir, test_dir, device=device, reporter=reporter)
     result = pretrain(config, reporter=reporter, resume=resume)
-    reporter.message("kNN with the pretrained encoder")
-    pretrained = _knn_accuracy(
-        load_model(run_dir), train_dir, test_dir, device=device, reporter=reporter
-    )
+    pretrained = math.nan
+    if not result.interrupted:
+        reporter.message("kNN with the pretrained encoder")
+        pretrained = _knn_accuracy(
+            load_model(run_dir), train_dir, test_dir, device=device, reporter=reporter
+        )
     return DemoResult(
         dataset=MNIST_ATTRIBUTION,
         run_dir=run_dir,
@@ -111,6 +117,7 @@ def run_demo(
         knn_pretrained=pretrained,
         pretrain_seconds=result.seconds,
         final_loss=result.final_loss,
+        interrupted=result.interrupted,
     )
 
 
