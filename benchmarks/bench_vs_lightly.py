@@ -1057,14 +1057,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--precision",
         choices=("fp32", "bf16", "auto"),
-        default="fp32",
-        help="our side (and lightly's unless --lightly-precision); auto: what `simclr pretrain` "
-        "picks here (bf16 on CPUs with AMX, fp32 on other CPUs)",
+        help="our side, and lightly's unless --lightly-precision. Default: each tool as it "
+        "ships, ours `auto` (what `simclr pretrain` picks here: bf16 on CPUs with AMX, fp32 on "
+        "other CPUs) and lightly fp32 (its loop does not autocast)",
     )
     parser.add_argument(
         "--lightly-precision",
         choices=("fp32", "bf16"),
-        help="lightly's side only (default: --precision); compares each tool at its own default",
+        help="lightly's side only (default: --precision when given, else fp32)",
     )
     parser.add_argument(
         "--lightly-allocator",
@@ -1103,6 +1103,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             setattr(args, name, defaults[name])
     if args.batch_size < 2 or args.batch_size > args.images:
         parser.error("--batch-size must be between 2 and --images")
+    if args.precision is None:  # each tool as it ships
+        args.precision = "auto"
+        args.lightly_precision = args.lightly_precision or "fp32"
     return args
 
 

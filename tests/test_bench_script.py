@@ -18,7 +18,7 @@ import pytest
 TINY = [
     "--config", "reference", "--images", "20", "--eval-images", "10", "--epochs", "1",
     "--batch-size", "16", "--seeds", "1", "--step-batches", "1", "--matmul-size", "128",
-    "--workers", "0", "--in-process", "--no-init-baseline",
+    "--workers", "0", "--in-process", "--no-init-baseline", "--precision", "fp32",
 ]  # fmt: skip
 
 
@@ -112,3 +112,14 @@ def test_lightly_half_runs_when_lightly_is_installed(
 def test_batch_larger_than_the_images_is_refused(bench: ModuleType) -> None:
     with pytest.raises(SystemExit):
         bench.parse_args(["--images", "10", "--batch-size", "32"])
+
+
+def test_by_default_each_tool_runs_at_its_own_precision(bench: ModuleType) -> None:
+    # Ours as `simclr pretrain` ships (auto), lightly's loop as it ships (fp32, no autocast);
+    # an explicit --precision still applies to both sides unless lightly's is given too.
+    default = bench.parse_args([])
+    assert (default.precision, default.lightly_precision) == ("auto", "fp32")
+    both = bench.parse_args(["--precision", "bf16"])
+    assert (both.precision, both.lightly_precision) == ("bf16", None)
+    mixed = bench.parse_args(["--precision", "fp32", "--lightly-precision", "bf16"])
+    assert (mixed.precision, mixed.lightly_precision) == ("fp32", "bf16")

@@ -82,3 +82,14 @@ def test_augment_preview_names_the_option_of_a_bad_probability(
         args = ["augment-preview", str(photo_file), option, "2", "-o", str(tmp_path / "v.png")]
         line = one_line_error(runner.invoke(app, args))
         assert line.startswith(f"error: {option} must be a probability in [0, 1], got 2")
+
+
+def test_eval_table_names_the_k_that_ran_when_k_exceeds_the_training_images(
+    encoder_dir: Path, digits_folder: Path, digits_test_folder: Path, tmp_path: Path
+) -> None:
+    # 200 training digits and -k 500: the vote is over all 200, and the table says so.
+    args = ["eval", str(digits_folder), "--test", str(digits_test_folder), "-m", str(encoder_dir)]
+    result = runner.invoke(app, [*args, "-k", "500", "-o", str(tmp_path), "--workers", "0", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "kNN-200 w" in result.output and "kNN-500" not in result.output
+    assert "k = 500 capped at the 200 training images" in result.output

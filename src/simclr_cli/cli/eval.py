@@ -138,9 +138,14 @@ def _render(result: EvalResult, *, temperature: float, replaced: bool) -> None:
         title_justify="left",
     )
     table.add_column("features", no_wrap=True)
+    capped = []
     for name in knn_names:
         k, rule = name.split("_")
-        table.add_column(f"kNN-{k[1:]} {'w' if rule == 'weighted' else 'maj'}", justify="right")
+        # A k above the number of training images votes over all of them: say which k ran.
+        used = int(first["knn"][name].get("k_used", k[1:]))
+        if used < int(k[1:]) and rule == "weighted":
+            capped.append(f"k = {k[1:]} capped at the {used} training images")
+        table.add_column(f"kNN-{used} {'w' if rule == 'weighted' else 'maj'}", justify="right")
     table.add_column("linear", justify="right")
     if with_top5:
         table.add_column("lin top5", justify="right")
@@ -156,7 +161,7 @@ def _render(result: EvalResult, *, temperature: float, replaced: bool) -> None:
     console.print(table)
     console.print(
         f"kNN w: cosine-weighted vote, t = {temperature:g}; maj: majority vote; "
-        "linear: linear probe on frozen features",
+        "linear: linear probe on frozen features" + "".join(f"; {note}" for note in capped),
         highlight=False,
         markup=False,
     )
