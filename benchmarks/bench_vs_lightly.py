@@ -1286,7 +1286,19 @@ def _headline(
         f"{machine['versions']['lightly']} | load {machine['load_average_at_start'][0]:.1f}\n"
         f"bound: matmul {rates}; "
         f"{flops['train'] / 1e9:.2f} GFLOP per image trained (2 views, fwd+bwd), "
-        f"{flops['embed'] / 1e9:.2f} per image embedded\n"
+        f"{flops['embed'] / 1e9:.2f} per image embedded\n" + _bound_columns(settings, bound)
+    )
+
+
+def _bound_columns(settings: dict[str, Any], bound: dict[str, Any]) -> str:
+    """When the sides differ in precision, which bound each '% bound' column is read against."""
+    ours, theirs = settings["precision"], settings.get("lightly_precision", settings["precision"])
+    if ours == theirs:
+        return ""
+    their_rate = bound["matmul_gflops"][theirs] * 1e9 / bound["flops_per_image"]["train"]
+    return (
+        f"the bound column is ours ({ours}); 'theirs % bound' is against lightly's {theirs} "
+        f"bound, {their_rate:.1f} img/s for training\n"
     )
 
 

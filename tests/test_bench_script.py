@@ -123,3 +123,13 @@ def test_by_default_each_tool_runs_at_its_own_precision(bench: ModuleType) -> No
     assert (both.precision, both.lightly_precision) == ("bf16", None)
     mixed = bench.parse_args(["--precision", "fp32", "--lightly-precision", "bf16"])
     assert (mixed.precision, mixed.lightly_precision) == ("fp32", "bf16")
+
+
+def test_the_headline_says_which_bound_each_side_is_read_against(bench: ModuleType) -> None:
+    bound = {"matmul_gflops": {"bf16": 2000.0, "fp32": 400.0}, "flops_per_image": {"train": 8e9}}
+    mixed = {"precision": "bf16", "lightly_precision": "fp32"}
+    assert bench._bound_columns(mixed, bound) == (
+        "the bound column is ours (bf16); 'theirs % bound' is against lightly's fp32 bound, "
+        "50.0 img/s for training\n"
+    )
+    assert bench._bound_columns({"precision": "fp32", "lightly_precision": "fp32"}, bound) == ""

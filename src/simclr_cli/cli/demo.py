@@ -40,7 +40,8 @@ def demo_command(
     if result.interrupted:
         print_error(
             "the demo stopped before pretraining finished, so there is no result to show; run "
-            "the same `simclr demo` command again to continue from its last checkpoint"
+            "the same `simclr demo` command again to continue from its last checkpoint and "
+            "compare (`simclr pretrain --resume` would finish training without the comparison)"
         )
         raise typer.Exit(code=130)  # as `simclr pretrain` does after Ctrl-C
     from rich.table import Table
