@@ -9,7 +9,9 @@ the pipeline as it was at that git revision (`src/simclr_cli/data/augment.py` re
 `git show`) is timed in the same process, call for call in turns, so both see the same
 machine load. The numbers are milliseconds of wall time with torch's default threads
 (`--threads N` to change); the load average is printed before and after, since on a shared
-machine other work can move these timings by several times.
+machine other work can move these timings by several times. Freed memory is kept in the
+process as the `simclr` command keeps it (simclr_cli.allocator), so fresh buffers cost what
+they cost in a run; `--glibc-default` leaves malloc as it is.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from skimage import data as skdata
 
+from simclr_cli.allocator import keep_freed_memory
 from simclr_cli.config import AugmentConfig
 from simclr_cli.data import augment
 
@@ -74,7 +77,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--against", help="a git revision to time in turns with this code")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--glibc-default",
+        action="store_true",
+        help="leave glibc's malloc settings alone (default: keep freed memory, as `simclr` does)",
+    )
     args = parser.parse_args(argv)
+    kept = False if args.glibc_default else keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -83,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.against:
             versions[args.against] = module_at(args.against, Path(tmp))
         print(f"make_views, two views of {args.batch_size} images; torch threads "
-              f"{torch.get_num_threads()}; ms: median (fastest) of {args.repeats}")  # fmt: skip
+              f"{torch.get_num_threads()}; freed memory kept: {'yes' if kept else 'no'}; "
+              f"ms: median (fastest) of {args.repeats}")  # fmt: skip
         print(_load("load average at start"))
         for size in args.sizes:
             config = AugmentConfig(image_size=size)

@@ -229,3 +229,84 @@ def test_blur_in_groups_matches_blurring_the_whole_batch() -> None:
     no_blur = replace(params, blur=torch.zeros_like(params.blur))
     expected = augment._gaussian_blur(apply_view(canvases, no_blur, config), params.blur_sigma)
     assert torch.allclose(blurred, expected, atol=1e-5)
+
+
+# Sigmas whose Gaussian has a tap below float32's normal range unless it is dropped (a tap t
+# px out is exp(-t^2 / (2 sigma^2)), subnormal for t^2 / (2 sigma^2) in 87.3-103.3).
+_SUBNORMAL_SIGMAS = (0.145, 0.21, 0.29, 0.36)
+
+
+@pytest.mark.parametrize("size", [24, 96])
+def test_blur_matches_torchvision_per_image(size) -> None:
+    # One batched blur with a sigma per image equals torchvision's blur of each image alone
+    # (same kernel size, mirrored border), including sigmas whose smallest taps are dropped.
+    photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea()]
+    sigmas = (0.1, *_SUBNORMAL_SIGMAS, 1.0, 2.0)
+    images = torch.stack(
+        [
+            TF.resize(torch.from_numpy(photos[i % 3]).permute(2, 0, 1), [size, size]).float() / 255
+            for i in range(len(sigmas))
+        ]
+    )
+    ours = augment._gaussian_blur(images, torch.tensor(sigmas))
+    side = blur_kernel_size(size)
+    for image, sigma, blurred in zip(images, sigmas, ours, strict=True):
+        theirs = TF.gaussian_blur(image, [side, side], [sigma, sigma])
+        assert torch.allclose(blurred, theirs, atol=1e-5), sigma
+
+
+def test_blur_weights_are_never_subnormal() -> None:
+    # Products with subnormal floats run 10-20x slower on x86; the blur drops such taps.
+    sigma = torch.tensor(_SUBNORMAL_SIGMAS)
+    matrices = augment._blur_matrices(sigma, 96, blur_kernel_size(96))
+    nonzero = matrices[matrices != 0]
+    assert nonzero.abs().min() >= torch.finfo(torch.float32).tiny
+    assert torch.allclose(matrices.sum(dim=2), torch.ones(len(sigma), 96))
+
+
+def test_every_mix_of_jitter_grayscale_and_blur_matches_torchvision_image_by_image() -> None:
+    # Inside each jitter group the images are sorted by what follows (nothing, blur, both,
+    # grayscale) so that each step is one slice: every image must still get exactly its own
+    # steps and land in its own row.
+    photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea()]
+    canvases = torch.stack(
+        [
+            TF.resize(
+                torch.from_numpy(photos[i % 3]).permute(2, 0, 1)[:, i % 89 : i % 89 + 250, :250],
+                [64, 64],
+                antialias=True,
+            )
+            for i in range(120)
+        ]
+    )
+    sizes = torch.tensor([[64, 64]] * 120)
+    config = AugmentConfig(image_size=32, blur_prob=0.5, grayscale_prob=0.5)
+    params = sample_view_params(config, sizes, torch.Generator().manual_seed(3))
+    mixes = set(zip(params.grayscale.tolist(), params.blur.tolist(), strict=True))
+    assert mixes == {(False, False), (False, True), (True, False), (True, True)}
+    ours = apply_view(canvases, params, config)
+    crops = crop_and_flip(canvases.float() / 255, params.crop_boxes, params.flip, size=32)
+    side = blur_kernel_size(32)
+    for i in range(120):
+        theirs = _torchvision_view(crops[i], params, i)
+        if params.blur[i]:
+            sigma = float(params.blur_sigma[i])
+            theirs = TF.gaussian_blur(theirs, [side, side], [sigma, sigma]).clamp(0, 1)
+        assert torch.allclose(ours[i], theirs, atol=3e-3), i
+
+
+def test_make_views_normalises_each_view_of_its_own_parameters() -> None:
+    # make_views normalises group by group as it finishes them; the result must equal the
+    # two views drawn from the same generator, made one at a time and normalised after.
+    canvases, sizes = _photo_batch(64)
+    canvases, sizes = canvases.repeat(24, 1, 1, 1), sizes.repeat(24, 1)
+    config = AugmentConfig(image_size=32, blur_prob=0.5)
+    view_a, view_b = make_views(canvases, sizes, config, torch.Generator().manual_seed(11))
+    generator = torch.Generator().manual_seed(11)
+    params_a = sample_view_params(config, sizes, generator)
+    params_b = sample_view_params(config, sizes, generator)
+    expected_a = augment.normalize(apply_view(canvases, params_a, config), config)
+    expected_b = augment.normalize(apply_view(canvases, params_b, config), config)
+    assert torch.allclose(view_a, expected_a, atol=1e-5)
+    assert torch.allclose(view_b, expected_b, atol=1e-5)
+    assert not torch.allclose(view_a, view_b, atol=0.1)
