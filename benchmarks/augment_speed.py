@@ -1,10 +1,12 @@
-"""Time the training view pipeline (`make_views`: two views of a batch) on real photos.
+"""Time the training view pipeline (two views of a batch, as the encoder's input) on real photos.
 
     python benchmarks/augment_speed.py --sizes 32 96 224 --against 1ed6479
 
 Crops of scikit-image's photos are resized into uint8 canvases of twice the training size
-(what the loader hands to the pipeline), and `make_views` is timed on a batch of them: the
-median and the fastest of `--repeats` calls after two untimed ones. With `--against REV`,
+(what the loader hands to the pipeline), and the training step's input is made from a batch
+of them: `make_view_batch`, or, at revisions before it existed, `make_views` followed by the
+concatenation and channels-last copy the step then made. Reported: the median and the
+fastest of `--repeats` calls after two untimed ones. With `--against REV`,
 the pipeline as it was at that git revision (`src/simclr_cli/data/augment.py` read with
 `git show`) is timed in the same process, call for call in turns, so both see the same
 machine load. The numbers are milliseconds of wall time with torch's default threads
@@ -56,6 +58,7 @@ def module_at(revision: str, work: Path) -> ModuleType:
     """The augmentation module as committed at `revision`, imported under another name."""
     source = subprocess.run(
         ["git", "show", f"{revision}:src/simclr_cli/data/augment.py"],
+        cwd=Path(__file__).resolve().parents[1],
         check=True,
         capture_output=True,
         text=True,
@@ -65,8 +68,23 @@ def module_at(revision: str, work: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location("augment_at_revision", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
+
+
+def encoder_input(
+    module: ModuleType,
+    canvases: torch.Tensor,
+    sizes: torch.Tensor,
+    config: AugmentConfig,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Both views stacked channels-last, (2B, 3, S, S), the way that version's step made it."""
+    if hasattr(module, "make_view_batch"):
+        return module.make_view_batch(canvases, sizes, config, generator)
+    view_a, view_b = module.make_views(canvases, sizes, config, generator)
+    return torch.cat([view_a, view_b]).contiguous(memory_format=torch.channels_last)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         versions = {"this code": augment}
         if args.against:
             versions[args.against] = module_at(args.against, Path(tmp))
-        print(f"make_views, two views of {args.batch_size} images; torch threads "
+        print(f"two views of {args.batch_size} images, stacked channels-last; torch threads "
               f"{torch.get_num_threads()}; freed memory kept: {'yes' if kept else 'no'}; "
               f"ms: median (fastest) of {args.repeats}")  # fmt: skip
         print(_load("load average at start"))
@@ -104,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                 for name, module in versions.items():
                     generator = torch.Generator().manual_seed(repeat)
                     started = time.perf_counter()
-                    module.make_views(canvases, sizes, config, generator)
+                    encoder_input(module, canvases, sizes, config, generator)
                     if repeat >= 2:
                         times[name].append(time.perf_counter() - started)
             cells = [

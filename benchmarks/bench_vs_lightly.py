@@ -4,7 +4,7 @@ One invocation prepares real images, then for every seed runs two jobs, each in 
 Python process so that its peak memory and its timings are its own:
 
 - ours: `simclr_cli.engine.pretrain.pretrain` with a `RunConfig`, the engine's step pieces
-  (`build_model`, `build_optimizer`, `make_views`, `nt_xent_loss`) on ready batches, and
+  (`build_model`, `build_optimizer`, `make_view_batch`, `nt_xent_loss`) on ready batches, and
   `simclr_cli.engine.embed.embed_folder` against a plain per-image PIL + torchvision
   DataLoader pipeline running the same trained encoder;
 - lightly: `lightly.transforms.SimCLRTransform` over a torchvision `ImageFolder`, a
@@ -402,7 +402,7 @@ def _our_step_rate(job: Job, config: Any, device: torch.device) -> list[float]:
     (torch.compile, fused optimiser), this function must follow it.
     """
     from simclr_cli.config import decode_size, resolved_lr
-    from simclr_cli.data.augment import make_views
+    from simclr_cli.data.augment import make_view_batch
     from simclr_cli.data.images import scan_images
     from simclr_cli.data.loader import ImageBatches, SkipLog
     from simclr_cli.device import autocast, resolve_precision
@@ -426,11 +426,10 @@ def _our_step_rate(job: Job, config: Any, device: torch.device) -> list[float]:
     ready = []
     for number, batch in enumerate(data.iterate(range(count), batch_size=job.batch_size)):
         generator = generator_for(job.seed, "augment", number)
-        view_a, view_b = make_views(
-            batch.canvases.to(device), batch.sizes, config.augment, generator
+        # The encoder's input as the run makes it: (2B, 3, S, S), channels-last.
+        ready.append(
+            make_view_batch(batch.canvases.to(device), batch.sizes, config.augment, generator)
         )
-        images = torch.cat([view_a, view_b]).contiguous(memory_format=torch.channels_last)
-        ready.append(images)  # (2B, 3, S, S)
     # Fewer images than batches asked for: the batches are reused in turn.
     ready = [ready[i % len(ready)] for i in range(job.step_batches + 1)]
 

@@ -13,6 +13,7 @@ from simclr_cli.data.augment import (
     blur_kernel_size,
     center_view,
     crop_and_flip,
+    make_view_batch,
     make_views,
     sample_view_params,
 )
@@ -310,3 +311,30 @@ def test_make_views_normalises_each_view_of_its_own_parameters() -> None:
     assert torch.allclose(view_a, expected_a, atol=1e-5)
     assert torch.allclose(view_b, expected_b, atol=1e-5)
     assert not torch.allclose(view_a, view_b, atol=0.1)
+
+
+def test_view_batch_is_both_views_stacked_channels_last() -> None:
+    # The step's input: view a of every image, then view b, laid out channels-last.
+    canvases, sizes = _photo_batch(64)
+    canvases, sizes = canvases.repeat(5, 1, 1, 1), sizes.repeat(5, 1)
+    config = AugmentConfig(image_size=32)
+    stacked = make_view_batch(canvases, sizes, config, torch.Generator().manual_seed(4))
+    view_a, view_b = make_views(canvases, sizes, config, torch.Generator().manual_seed(4))
+    assert stacked.shape == (20, 3, 32, 32)
+    assert stacked.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(stacked[:10], view_a) and torch.equal(stacked[10:], view_b)
+
+
+def test_groups_cut_into_pieces_finish_every_image_the_same() -> None:
+    # Long jitter groups are cut so a piece stays in cache; each piece must keep its grayscale
+    # and blurred images contiguous, so the views are those of the uncut groups.
+    canvases, sizes = _photo_batch(64)
+    canvases, sizes = canvases.repeat(60, 1, 1, 1), sizes.repeat(60, 1)
+    config = AugmentConfig(image_size=32, blur_prob=0.5, grayscale_prob=0.5)
+    params = sample_view_params(config, sizes, torch.Generator().manual_seed(9))
+    whole, cut = augment._group_plan(params), augment._group_plan(params, max_group=3)
+    assert max(cut.sizes) == 3 and max(whole.sizes) > 3 and sum(cut.sizes) == 120
+    assert torch.equal(whole.order, cut.order)
+    crops = augment._sorted_crops(canvases, [params], whole, size=32)
+    expected = augment._finish_groups(crops.clone(), whole)
+    assert torch.allclose(augment._finish_groups(crops, cut), expected, atol=1e-6)

@@ -43,7 +43,7 @@ from simclr_cli.config import (
     uses_small_stem,
     warmup_steps,
 )
-from simclr_cli.data.augment import make_views
+from simclr_cli.data.augment import make_view_batch
 from simclr_cli.data.images import RUN_MARKER, scan_images
 from simclr_cli.data.loader import (
     ImageBatches,
@@ -781,16 +781,14 @@ def _step(
     # Two views of every image, drawn from this step's own random stream.
     canvases = batch.canvases.to(device, non_blocking=True)
     generator = generator_for(config.train.seed, "augment", loop.step)
-    view_a, view_b = make_views(canvases, batch.sizes, config.augment, generator)
-    images = torch.cat([view_a, view_b]).contiguous(
-        memory_format=torch.channels_last
-    )  # (2B, 3, S, S)
+    # (2B, 3, S, S), channels-last: the first view of every image, then the second.
+    images = make_view_batch(canvases, batch.sizes, config.augment, generator)
 
     # One forward over both views, so batch norm sees the whole batch; the loss runs in fp32.
     loop.model.train()
     with autocast(device, precision):
         projections = loop.model(images)  # (2B, P)
-    half = view_a.shape[0]
+    half = images.shape[0] // 2
     loss = nt_xent_loss(projections[:half], projections[half:], config.train.temperature)
     if not torch.isfinite(loss):
         raise NonFiniteLossError(

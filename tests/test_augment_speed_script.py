@@ -1,0 +1,47 @@
+"""Smoke test of benchmarks/augment_speed.py, so CI keeps the script working."""
+
+from __future__ import annotations
+
+import re
+import types
+from collections.abc import Callable
+from types import ModuleType
+
+import pytest
+import torch
+
+from simclr_cli.config import AugmentConfig
+from simclr_cli.data import augment
+
+
+def test_it_times_this_code_against_a_revision(
+    capsys: pytest.CaptureFixture[str], load_benchmark: Callable[[str], ModuleType]
+) -> None:
+    # HEAD's pipeline is read with `git show` and timed in turns with the working tree's.
+    # glibc's malloc settings are left alone: they would outlive the test in this process.
+    module = load_benchmark("augment_speed")
+    args = ["--sizes", "16", "--batch-size", "8", "--repeats", "1", "--glibc-default"]
+    module.main([*args, "--against", "HEAD"])
+    out = capsys.readouterr().out
+    line = re.search(r"16 px: this code ([\d.]+) \(([\d.]+)\) \| HEAD ([\d.]+) \(([\d.]+)\)", out)
+    assert line is not None, out
+    assert all(float(value) > 0 for value in line.groups())
+    assert "freed memory kept: no" in out
+
+
+def test_older_revisions_are_timed_with_the_copies_their_step_made(
+    load_benchmark: Callable[[str], ModuleType],
+) -> None:
+    # A revision without make_view_batch is timed as make_views + concatenation + the
+    # channels-last copy; the result must be the same input to the encoder.
+    module = load_benchmark("augment_speed")
+    canvases = module.photo_canvases(6, 48)
+    sizes = torch.full((6, 2), 48)
+    config = AugmentConfig(image_size=24)
+    old_style = types.SimpleNamespace(make_views=augment.make_views)
+    ours = module.encoder_input(augment, canvases, sizes, config, torch.Generator().manual_seed(2))
+    old = module.encoder_input(old_style, canvases, sizes, config, torch.Generator().manual_seed(2))
+    assert ours.shape == old.shape == (12, 3, 24, 24)
+    assert old.is_contiguous(memory_format=torch.channels_last)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ours, old)
