@@ -11,7 +11,14 @@ the pipeline as it was at that git revision (`src/simclr_cli/data/augment.py` re
 `git show`) is timed in the same process, call for call in turns, so both see the same
 machine load. The numbers are milliseconds of wall time with torch's default threads
 (`--threads N` to change); the load average is printed before and after, since on a shared
-machine other work can move these timings by several times. Freed memory is kept in the
+machine other work can move these timings by several times.
+
+With `--step`, each size also times a whole training step (forward, backward and optimiser
+of a ResNet-18, channels-last, under the precision `auto` picks, as `simclr pretrain` does)
+three ways in turns: on an input made beforehand ("ready"), and with the views made in line
+by each version, as a run makes them. The views' share of a step in the run is then read in
+one process at one moment, where timing the run and the model step separately compares two
+moments of a machine whose speed moves. Freed memory is kept in the
 process as the `simclr` command keeps it (simclr_cli.allocator), so fresh buffers cost what
 they cost in a run; `--glibc-default` leaves malloc as it is.
 """
@@ -26,6 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 
@@ -87,6 +96,39 @@ def encoder_input(
     return torch.cat([view_a, view_b]).contiguous(memory_format=torch.channels_last)
 
 
+def step_timer(size: int, batch_size: int) -> tuple[Callable[[torch.Tensor], None], str]:
+    """A training step of a fresh ResNet-18 SimCLR model, and the precision it runs in.
+
+    The step takes a (2B, 3, S, S) input; the precision is what `auto` picks for training
+    on this CPU.
+    """
+    from simclr_cli.config import ModelConfig, OptimConfig, resolved_lr
+    from simclr_cli.device import autocast, resolve_precision
+    from simclr_cli.loss import nt_xent_loss
+    from simclr_cli.models.simclr import build_model
+    from simclr_cli.optim import build_optimizer
+
+    device = torch.device("cpu")
+    precision = resolve_precision("auto", device, training=True)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(), image_size=size).to(memory_format=torch.channels_last)
+    optim_config = OptimConfig()
+    optimizer = build_optimizer(
+        model.train(), optim_config, lr=resolved_lr(optim_config, batch_size)
+    )
+
+    def step(images: torch.Tensor) -> None:
+        with autocast(device, precision):
+            projections = model(images)
+        half = images.shape[0] // 2
+        loss = nt_xent_loss(projections[:half], projections[half:], 0.5)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step, precision.name
+
+
 def main(argv: list[str] | None = None) -> None:
     """Time each size, this code and the --against revision in turns."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -95,6 +137,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--against", help="a git revision to time in turns with this code")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--step",
+        action="store_true",
+        help="also time a training step on ready input and with each version's views in line",
+    )
     parser.add_argument(
         "--glibc-default",
         action="store_true",
@@ -130,7 +177,37 @@ def main(argv: list[str] | None = None) -> None:
                 for name, t in times.items()
             ]
             print(f"{size:4d} px: " + " | ".join(cells), flush=True)
+            if args.step:
+                _time_steps(versions, canvases, sizes, config, args.repeats)
         print(_load("load average at end"))
+
+
+def _time_steps(
+    versions: dict[str, ModuleType],
+    canvases: torch.Tensor,
+    sizes: torch.Tensor,
+    config: AugmentConfig,
+    repeats: int,
+) -> None:
+    """Print the step on ready input and with each version's views made in line, in turns."""
+    step, precision = step_timer(config.image_size, len(canvases))
+    ready = encoder_input(augment, canvases, sizes, config, torch.Generator().manual_seed(0))
+    arms: dict[str, Callable[[torch.Generator], torch.Tensor]] = {"ready": lambda _: ready}
+    for name, module in versions.items():
+        arms[f"views by {name}"] = partial(encoder_input, module, canvases, sizes, config)
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for repeat in range(repeats + 2):  # the first steps pick kernels and allocate
+        for name, make_input in arms.items():
+            generator = torch.Generator().manual_seed(repeat)
+            started = time.perf_counter()
+            step(make_input(generator))
+            if repeat >= 2:
+                times[name].append(time.perf_counter() - started)
+    print(f"      training step ({precision}), ms: median of {repeats}")
+    ready_median = statistics.median(times["ready"])
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        print(f"      {name}: {1000 * median:.0f}, ready / this {ready_median / median:.3f}")
 
 
 def _load(label: str) -> str:

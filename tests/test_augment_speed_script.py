@@ -21,12 +21,16 @@ def test_it_times_this_code_against_a_revision(
     # glibc's malloc settings are left alone: they would outlive the test in this process.
     module = load_benchmark("augment_speed")
     args = ["--sizes", "16", "--batch-size", "8", "--repeats", "1", "--glibc-default"]
-    module.main([*args, "--against", "HEAD"])
+    module.main([*args, "--against", "HEAD", "--step"])
     out = capsys.readouterr().out
     line = re.search(r"16 px: this code ([\d.]+) \(([\d.]+)\) \| HEAD ([\d.]+) \(([\d.]+)\)", out)
     assert line is not None, out
     assert all(float(value) > 0 for value in line.groups())
     assert "freed memory kept: no" in out
+    # --step: a real training step on ready input and with each version's views in line.
+    steps = dict(re.findall(r"^\s+(ready|views by this code|views by HEAD): ([\d.]+),", out, re.M))
+    assert set(steps) == {"ready", "views by this code", "views by HEAD"}, out
+    assert all(float(ms) > 0 for ms in steps.values())
 
 
 def test_older_revisions_are_timed_with_the_copies_their_step_made(
