@@ -10,16 +10,21 @@ Inputs are uint8 canvases: each image decoded once, fitted inside a square of si
 `decode_size(config)` and zero padded, with its valid (height, width) alongside. Crop and
 flip are one `grid_sample` per batch (per chunk on the CPU) that never reads the padding.
 
-Speed on the CPU, where these steps share cores with the model: canvases are converted to
-float a chunk at a time (both views crop from the same chunk), and each view's crops are
-written straight into an order where the images sharing one random order of the four colour
-adjustments are adjacent, and inside such a group those to be grayed and those to be blurred
-are each one slice. Every group of a few images then goes through jitter, grayscale, blur and
-normalisation as slices that stay in cache, and is copied to its rows of the result. For two
-views of a batch of 256 on a 2-core EPYC, grouping took 465 -> 282 ms at 96 px and 4.3 ->
-1.4 s at 224 px; on a 2-core AMX Xeon, the slices, the matrix-product blur and its subnormal
-fix below took 184 -> 129 ms at 96 px and 1,263 -> 836 ms at 224 px (medians of 10,
-`benchmarks/augment_speed.py`). Each step is checked against torchvision's, image by image.
+Speed on the CPU, where these steps share cores with the model:
+- Canvases are converted to float a chunk at a time, and both views crop from the same chunk.
+- The crops of both views are written straight into one batch, sorted so that the images
+  sharing one random order of the four colour adjustments are adjacent. Inside such a
+  group, the images to be grayed and those to be blurred are each one slice.
+- Each group, cut into pieces of at most 2 MiB, goes through jitter, grayscale, blur,
+  normalisation and conversion to channels-last while it stays in cache. It is then copied
+  to its rows of the step's input (`make_view_batch`).
+
+Measured with `benchmarks/augment_speed.py`, two views of a batch of 256, medians of 10:
+- 2-core EPYC: grouping took 465 -> 282 ms at 96 px and 4.3 -> 1.4 s at 224 px.
+- 2-core AMX Xeon: the matrix-product blur, its subnormal fix, the slices and the single
+  batch took 184 -> 118 ms at 96 px. Made in line in a bf16 training step, they took
+  197 -> 126 ms.
+Each step is checked against torchvision's, image by image.
 
 Limitation: the crop is resampled bilinearly without an anti-aliasing filter; with canvases
 twice the training size a full-image crop is shrunk at most 2x, where aliasing is mild, but
