@@ -1,9 +1,12 @@
 """Pairs of training views of one image, drawn by the training code itself, as a labelled grid.
 
-The views come from `sample_view_params` and `apply_view`, the two functions every
-pretraining step calls, on the same decoded canvas a training batch would hold; only the
-seed differs (a preview stream instead of a step's). What the picture shows is therefore
-what the encoder is trained on, crop sizes, colours and blur included.
+The views come from `sample_view_params` and `apply_view`, on the same decoded canvas a
+training batch would hold; only the seed differs (a preview stream instead of a step's).
+Pretraining draws its parameters with the same `sample_view_params` and runs the same steps:
+through `apply_view` under `torchrun` or `--chunk-size`, and through `make_view_batch`
+otherwise, which finishes both views as one batch and normalises them, pixel for pixel the
+same (tests/data/test_augment.py). What the picture shows is therefore what the encoder is
+trained on, crop sizes, colours and blur included.
 """
 
 from __future__ import annotations
