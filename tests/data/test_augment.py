@@ -193,22 +193,34 @@ def _torchvision_view(image, params, i):
     return image
 
 
-def test_grouped_batch_matches_torchvision_image_by_image() -> None:
-    # The batch is reordered so images sharing a jitter order are adjusted together, then put
-    # back: every image must still get its own four steps, in its own order, and its own
-    # grayscale, and land in its own row. 80 crops of three photos cover all 24 orders.
+def _shifted_crops(
+    count: int, *, side: int, window: int, period: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crops of three real photos as uint8 canvases of side x side, with full valid regions.
+
+    Crop i is window x window, shifted down by i % period, so the crops all differ.
+    """
     photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea()]
     canvases = torch.stack(
         [
             TF.resize(
-                torch.from_numpy(photos[i % 3]).permute(2, 0, 1)[:, i % 97 : i % 97 + 200, :200],
-                [48, 48],
+                torch.from_numpy(photos[i % 3]).permute(2, 0, 1)[
+                    :, i % period : i % period + window, :window
+                ],
+                [side, side],
                 antialias=True,
             )
-            for i in range(80)
+            for i in range(count)
         ]
     )
-    sizes = torch.tensor([[48, 48]] * 80)
+    return canvases, torch.tensor([[side, side]] * count)
+
+
+def test_grouped_batch_matches_torchvision_image_by_image() -> None:
+    # The batch is reordered so images sharing a jitter order are adjusted together, then put
+    # back: every image must still get its own four steps, in its own order, and its own
+    # grayscale, and land in its own row. 80 crops of three photos cover all 24 orders.
+    canvases, sizes = _shifted_crops(80, side=48, window=200, period=97)
     config = AugmentConfig(image_size=24, blur_prob=0.0, grayscale_prob=0.3)
     params = sample_view_params(config, sizes, torch.Generator().manual_seed(1))
     assert len({tuple(order) for order in params.jitter_order[params.jitter].tolist()}) == 24
@@ -269,18 +281,7 @@ def test_every_mix_of_jitter_grayscale_and_blur_matches_torchvision_image_by_ima
     # Inside each jitter group the images are sorted by what follows (nothing, blur, both,
     # grayscale) so that each step is one slice: every image must still get exactly its own
     # steps and land in its own row.
-    photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea()]
-    canvases = torch.stack(
-        [
-            TF.resize(
-                torch.from_numpy(photos[i % 3]).permute(2, 0, 1)[:, i % 89 : i % 89 + 250, :250],
-                [64, 64],
-                antialias=True,
-            )
-            for i in range(120)
-        ]
-    )
-    sizes = torch.tensor([[64, 64]] * 120)
+    canvases, sizes = _shifted_crops(120, side=64, window=250, period=89)
     config = AugmentConfig(image_size=32, blur_prob=0.5, grayscale_prob=0.5)
     params = sample_view_params(config, sizes, torch.Generator().manual_seed(3))
     mixes = set(zip(params.grayscale.tolist(), params.blur.tolist(), strict=True))
