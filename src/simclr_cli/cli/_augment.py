@@ -20,8 +20,8 @@ ImageSizeOption = Annotated[
         "--image-size",
         "--size",
         help=(
-            "Training resolution (default: 224; 96 trains far faster on a CPU). 64 or less "
-            "switches to the small-image stem, which is slower per image."
+            "Training resolution (default: 224; 96 trains far faster on a CPU). In pretraining, "
+            "64 or less switches to the small-image stem, which is slower per image."
         ),
         rich_help_panel=AUGMENT_PANEL,
     ),
