@@ -339,3 +339,11 @@ def test_groups_cut_into_pieces_finish_every_image_the_same() -> None:
     crops = augment._sorted_crops(canvases, [params], whole, size=32)
     expected = augment._finish_groups(crops.clone(), whole)
     assert torch.allclose(augment._finish_groups(crops, cut), expected, atol=1e-6)
+
+
+def test_only_the_cpu_cuts_groups_into_pieces() -> None:
+    # Pieces keep a group in a CPU core's cache; on a GPU they would only add kernel launches.
+    assert augment._max_group(96, torch.device("cpu")) == 18  # 2 MiB of 96 px float images
+    assert augment._max_group(1024, torch.device("cpu")) == 1
+    assert augment._max_group(96, torch.device("cuda")) is None
+    assert augment._max_group(96, torch.device("mps")) is None
