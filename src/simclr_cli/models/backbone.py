@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from simclr_cli.errors import ConfigError
+from simclr_cli.models.small_map_conv import use_small_map_convs
 
 __all__ = ["Backbone", "feature_dim", "folded_for_inference", "parse_arch"]
 
@@ -69,6 +70,8 @@ class Backbone(nn.Module):
             resnet.conv1 = nn.Conv2d(3, 64 * width, kernel_size=3, stride=1, padding=1, bias=False)
             resnet.maxpool = nn.Identity()
         resnet.fc = nn.Identity()
+        # Faster bf16 training of the last stage on CPUs; same parameters and results.
+        use_small_map_convs(resnet)
         self.resnet = resnet
         self.arch = arch
         self.small_stem = small_stem
