@@ -78,19 +78,20 @@ def matmul_calls(monkeypatch: pytest.MonkeyPatch) -> _CountingMatmul:
     return counter
 
 
-def _conv_pair(**kwargs: object) -> tuple[nn.Conv2d, SmallMapConv2d]:
+def _conv_pair() -> tuple[nn.Conv2d, SmallMapConv2d]:
     torch.manual_seed(0)
-    plain = nn.Conv2d(16, 32, kernel_size=3, padding=1, bias=False, **kwargs)  # type: ignore[arg-type]
-    fast = SmallMapConv2d(16, 32, kernel_size=3, padding=1, bias=False, **kwargs)  # type: ignore[arg-type]
+    plain = nn.Conv2d(16, 32, kernel_size=3, padding=1, bias=False)
+    fast = SmallMapConv2d(16, 32, kernel_size=3, padding=1, bias=False)
     fast.load_state_dict(plain.state_dict())
     return plain, fast
 
 
+@pytest.mark.parametrize("side", [1, 4, 6])  # 6x6 = 36 positions, the largest map taken
 def test_small_maps_in_bf16_take_the_matmul_path_with_the_same_results(
-    matmul_calls: _CountingMatmul,
+    side: int, matmul_calls: _CountingMatmul
 ) -> None:
     plain, fast = _conv_pair()
-    inputs = torch.randn(8, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+    inputs = torch.randn(8, 16, side, side, generator=torch.Generator().manual_seed(1))
     outputs, grads = [], []
     for conv in (plain, fast):
         x = inputs.clone().requires_grad_()
@@ -122,7 +123,7 @@ def test_everything_else_is_plain_conv2d(case: str, matmul_calls: _CountingMatmu
     if case == "frozen weight":
         plain.weight.requires_grad_(False)
         fast.weight.requires_grad_(False)
-    side = 8 if case == "large map" else 4  # 64 positions against at most 16
+    side = 7 if case == "large map" else 4  # 49 positions against at most 36
     inputs = torch.randn(4, 16, side, side, generator=torch.Generator().manual_seed(1))
     results = []
     for conv in (plain, fast):

@@ -1,24 +1,27 @@
 """Convolutions whose weight gradient on small feature maps is one matrix product (CPU, bf16).
 
 Under bf16 autocast on a CPU, autograd asks oneDNN for each convolution's weight gradient.
-On a 2-core Xeon with AMX (torch 2.14.1, 512 views per batch) that kernel ran 2.7-8.8x
+On a 2-core Xeon with AMX (torch 2.14.1, 512 views per batch) that kernel ran 1.5-8.9x
 slower than the same gradient computed as the output gradient times the unfolded input,
-for convolutions whose output is 4x4 or smaller: a ResNet's last stage at 32 px with the
-small stem, or at 96 px with the standard one. A ResNet-18 3x3 512-channel layer at 4x4
-took 139 ms there against 36; at 8x8 the two were about even, and from 16x16 up oneDNN was
-2-5x faster, so larger maps keep oneDNN's kernel. A whole ResNet-18 training step got 1.19x
-faster at 32 px and 1.23x at 96 px. `benchmarks/conv_weight_grad.py` times every layer both
-ways, so the rule can be checked on another CPU.
+for every ResNet-18 and ResNet-50 convolution whose output is 6x6 or smaller: the last stage
+at 32 px with the small stem, the last two at 96 px with the standard one. A ResNet-18 3x3
+512-channel layer at 4x4 took 139 ms there against 36. At 8x8 the two were about even
+(0.87-1.12x for 3x3 layers), and on 3x3 layers from 12x12 up oneDNN was 1.7-6.3x faster, so
+larger maps keep oneDNN's kernel. `benchmarks/conv_weight_grad.py` times every layer both
+ways, so the rule can be checked on another CPU; it was not measured on CPUs with
+AVX512-BF16 but no AMX, which use bf16 only when asked.
 
-fp32 keeps oneDNN's kernel everywhere: on the same Xeon the product was only 1.06-1.9x
-faster per layer at these sizes (2-3% of an fp32 step), and it is unmeasured on CPUs
+fp32 keeps oneDNN's kernel everywhere: on the same Xeon the product was only 1.04-1.9x
+faster per layer at 4x4 and 3x3, and 0.75-1.14x at 6x6 (an estimated 2-3% of an fp32 step), and it is unmeasured on CPUs
 without AMX, where fp32 is what `auto` picks.
 
 The product is the gradient itself, not an approximation: the sum over every image and
 output position of the output gradient times the input patch. Both ways take the same bf16
 inputs and accumulate in fp32; the results differ by the bf16 rounding of the output (2-3e-3
 of the largest entry, about one bf16 step). The forward pass and the input gradient stay
-oneDNN's, bit for bit.
+oneDNN's, bit for bit. The unfolded input is a temporary copy, kH x kW times the size of the
+layer's input (85 MB for a ResNet-18's third stage at 96 px and batch 256), small beside the
+activations a training step keeps.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from torch import nn
 __all__ = ["SMALL_MAP_POSITIONS", "SmallMapConv2d", "use_small_map_convs", "weight_grad_by_matmul"]
 
 # Output positions (height x width) up to which the weight gradient is a matrix product:
-# 4x4, the largest size measured faster that way (3x3 kernels, 256-512 channels).
-SMALL_MAP_POSITIONS = 16
+# 6x6, the largest size at which every ResNet-18/50 layer measured was faster that way.
+SMALL_MAP_POSITIONS = 36
 
 
 def weight_grad_by_matmul(
