@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"two views of {args.batch_size} images, stacked channels-last; torch threads "
               f"{torch.get_num_threads()}; freed memory kept: {'yes' if kept else 'no'}; "
               f"ms: median (fastest) of {args.repeats}")  # fmt: skip
-        print(_load("load average at start"))
+        print(load_line("load average at start"))
         for size in args.sizes:
             config = AugmentConfig(image_size=size)
             canvases = photo_canvases(args.batch_size, 2 * size)
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{size:4d} px: " + " | ".join(cells), flush=True)
             if args.step:
                 _time_steps(versions, canvases, sizes, config, args.repeats)
-        print(_load("load average at end"))
+        print(load_line("load average at end"))
 
 
 def _time_steps(
@@ -210,7 +210,7 @@ def _time_steps(
         print(f"      {name}: {1000 * median:.0f}, ready / this {ready_median / median:.3f}")
 
 
-def _load(label: str) -> str:
+def load_line(label: str) -> str:
     """The 1-minute load average against the core count: other work skews every timing."""
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

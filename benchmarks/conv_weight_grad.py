@@ -27,10 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from simclr_cli.allocator import keep_freed_memory
-from simclr_cli.models import backbone as backbone_module
-from simclr_cli.models.backbone import Backbone
-from simclr_cli.models.small_map_conv import SMALL_MAP_POSITIONS, weight_grad_by_matmul
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from augment_speed import load_line  # noqa: E402
+
+from simclr_cli.allocator import keep_freed_memory  # noqa: E402
+from simclr_cli.models import backbone as backbone_module  # noqa: E402
+from simclr_cli.models.backbone import Backbone  # noqa: E402
+from simclr_cli.models.small_map_conv import (  # noqa: E402
+    SMALL_MAP_POSITIONS,
+    weight_grad_by_matmul,
+)
 
 
 def conv_shapes(arch: str, image_size: int, small_stem: bool, batch: int) -> list[dict[str, Any]]:
@@ -105,7 +111,6 @@ def time_layer(shape: dict[str, Any], dtype: torch.dtype, repeats: int) -> dict[
 
 def time_steps(image_size: int, repeats: int, batch: int = 256) -> dict[str, Any]:
     """A ResNet-18 training step of `batch` images with the small-map path on and off (ms)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from augment_speed import encoder_input, photo_canvases, step_timer
 
     from simclr_cli.config import AugmentConfig
@@ -168,8 +173,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "freed_memory_kept": kept,
         "layers": [],
     }
-    print(f"weight gradient, ms (best of {args.repeats}); batch {args.batch}; torch threads "
-          f"{torch.get_num_threads()}; * = the engine uses the matrix product")  # fmt: skip
+    print(f"weight gradient of one layer, ms (best of {args.repeats}); batch {args.batch}; torch "
+          f"threads {torch.get_num_threads()}; (xN): layers of that shape; diff: largest "
+          f"difference / largest entry; * = the engine uses the matrix product")  # fmt: skip
+    print(load_line("load average at start"))
     for arch in args.arch:
         for size_text in args.sizes:
             small_stem = size_text.endswith("s")
@@ -189,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         f"{shape['weight'][0]:<4} k{k_h}x{k_w} s{shape['stride'][0]} out "
                         f"{shape['output'][2]}x{shape['output'][3]} (x{shape['count']}): "
                         f"oneDNN {timing['onednn_ms']:7.1f}  matmul {timing['matmul_ms']:7.1f}  "
-                        f"{timing['onednn_ms'] / timing['matmul_ms']:5.2f}x"
+                        f"{timing['onednn_ms'] / timing['matmul_ms']:5.2f}x  "
+                        f"diff {timing['max_difference_relative']:.1e}"
                         f"{' *' if entry['used'] else ''}",
                         flush=True,
                     )
@@ -202,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{args.step_repeats}: oneDNN {before:.0f}, small-map path {after:.0f}, "
               f"{before / after:.3f}x")  # fmt: skip
         record.setdefault("steps", {})[str(size)] = result
+    print(load_line("load average at end"))
     if args.out:
         args.out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return record

@@ -37,6 +37,8 @@ def test_it_times_each_layer_both_ways_and_marks_the_ones_the_engine_sends_to_ma
     assert used == {((4, 4), "bf16")}
     assert sum(layer["used"] for layer in layers) == 3
     assert len(re.findall(r" \*$", out, re.M)) == 3, out
+    assert len(re.findall(r"x  diff \d\.\de[+-]\d\d", out)) == 22, out
+    assert "load average at start" in out and "load average at end" in out
 
     line = re.search(
         r"at 16 px \((\w+)\), ms, median of 1: oneDNN (\d+), small-map path (\d+)", out

@@ -6,20 +6,21 @@ slower than the same gradient computed as the output gradient times the unfolded
 for every ResNet-18 and ResNet-50 convolution whose output is 6x6 or smaller: the last stage
 at 32 px with the small stem, the last two at 96 px with the standard one. A ResNet-18 3x3
 512-channel layer at 4x4 took 139 ms there against 36. At 8x8 the two were about even
-(0.87-1.12x for 3x3 layers), and on 3x3 layers from 12x12 up oneDNN was 1.7-6.3x faster, so
+(0.87-1.12x for 3x3 layers), and on 3x3 layers from 12x12 up oneDNN was 1.8-6.2x faster, so
 larger maps keep oneDNN's kernel. `benchmarks/conv_weight_grad.py` times every layer both
 ways, so the rule can be checked on another CPU; it was not measured on CPUs with
 AVX512-BF16 but no AMX, which use bf16 only when asked.
 
 fp32 keeps oneDNN's kernel everywhere: on the same Xeon the product was only 1.04-1.9x
-faster per layer at 4x4 and 3x3, and 0.75-1.14x at 6x6 (an estimated 2-3% of an fp32 step), and it is unmeasured on CPUs
-without AMX, where fp32 is what `auto` picks.
+faster per layer at 4x4 and 3x3 and 0.75-1.14x at 6x6 (an estimated 2-3% of an fp32 step),
+and it is unmeasured on CPUs without AMX, where fp32 is what `auto` picks.
 
 The product is the gradient itself, not an approximation: the sum over every image and
 output position of the output gradient times the input patch. Both ways take the same bf16
-inputs and accumulate in fp32; the results differ by the bf16 rounding of the output (2-3e-3
-of the largest entry, about one bf16 step). The forward pass and the input gradient stay
-oneDNN's, bit for bit. The unfolded input is a temporary copy, kH x kW times the size of the
+inputs and accumulate in fp32; the results differ by the bf16 rounding of the output (at most
+4.7e-3 of the largest entry in the layers timed, where one bf16 step at that magnitude is
+3.9e-3 to 7.8e-3 of it). The forward pass and the input gradient stay oneDNN's, bit for
+bit. The unfolded input is a temporary copy, kH x kW times the size of the
 layer's input (85 MB for a ResNet-18's third stage at 96 px and batch 256), small beside the
 activations a training step keeps.
 """
