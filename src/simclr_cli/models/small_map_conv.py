@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["SMALL_MAP_POSITIONS", "SmallMapConv2d", "use_small_map_convs", "weight_grad_by_matmul"]
 
@@ -96,6 +97,7 @@ class _SmallMapConvolution(torch.autograd.Function):
         return F.conv2d(inputs, weight, None, stride, padding)
 
     @staticmethod
+    @once_differentiable  # nothing here needs a second derivative
     def backward(ctx: Any, grad_output: torch.Tensor) -> Any:
         inputs, weight = ctx.saved_tensors
         grad_input = grad_weight = None
