@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"threads {torch.get_num_threads()}; (xN): layers of that shape; diff: largest "
           f"difference / largest entry; * = the engine uses the matrix product")  # fmt: skip
     print(load_line("load average at start"))
+    record["load_average_at_start"] = os.getloadavg()[0]
     for arch in args.arch:
         for size_text in args.sizes:
             small_stem = size_text.endswith("s")
@@ -211,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{before / after:.3f}x")  # fmt: skip
         record.setdefault("steps", {})[str(size)] = result
     print(load_line("load average at end"))
+    record["load_average_at_end"] = os.getloadavg()[0]
     if args.out:
         args.out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return record

@@ -5,24 +5,25 @@ On a 2-core Xeon with AMX (torch 2.14.1, 512 views per batch) that kernel ran 1.
 slower than the same gradient computed as the output gradient times the unfolded input,
 for every ResNet-18 and ResNet-50 convolution whose output is 6x6 or smaller: the last stage
 at 32 px with the small stem, the last two at 96 px with the standard one. A ResNet-18 3x3
-512-channel layer at 4x4 took 139 ms there against 36. At 8x8 the two were about even
+512-channel layer at 4x4 took 148 ms there against 37. At 8x8 the two were about even
 (0.87-1.12x for 3x3 layers), and on 3x3 layers from 12x12 up oneDNN was 1.8-6.2x faster, so
 larger maps keep oneDNN's kernel. `benchmarks/conv_weight_grad.py` times every layer both
 ways, so the rule can be checked on another CPU; it was not measured on CPUs with
 AVX512-BF16 but no AMX, which use bf16 only when asked.
 
 fp32 keeps oneDNN's kernel everywhere: on the same Xeon the product was only 1.04-1.9x
-faster per layer at 4x4 and 3x3 and 0.75-1.14x at 6x6 (an estimated 2-3% of an fp32 step),
-and it is unmeasured on CPUs without AMX, where fp32 is what `auto` picks.
+faster per layer at 4x4 and 3x3 and 0.75-1.14x at 6x6 (about 110 ms of a 5.9 s fp32 step at
+32 px, from the layer timings), and it is unmeasured on CPUs without AMX, where fp32 is what
+`auto` picks.
 
 The product is the gradient itself, not an approximation: the sum over every image and
 output position of the output gradient times the input patch. Both ways take the same bf16
 inputs and accumulate in fp32; the results differ by the bf16 rounding of the output (at most
 4.7e-3 of the largest entry in the layers timed, where one bf16 step at that magnitude is
 3.9e-3 to 7.8e-3 of it). The forward pass and the input gradient stay oneDNN's, bit for
-bit. The unfolded input is a temporary copy, kH x kW times the size of the
-layer's input (85 MB for a ResNet-18's third stage at 96 px and batch 256), small beside the
-activations a training step keeps.
+bit. The unfolded input is a temporary copy of kH x kW x C_in values per output position
+(kH x kW times the layer's input at stride 1; 85 MB for a ResNet-18's third stage at 96 px
+and batch 256 in bf16), small beside the activations a training step keeps.
 """
 
 from __future__ import annotations
