@@ -10,6 +10,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -239,6 +240,13 @@ def photo(name: str) -> Image.Image:
     from skimage import data as skdata
 
     return Image.fromarray(getattr(skdata, name)()).convert("RGB")
+
+
+def standardised_photos(size: int) -> torch.Tensor:
+    """The test photos resized to size x size and standardised, (8, 3, S, S) float32."""
+    arrays = [np.asarray(photo(name).resize((size, size))) for name in TEST_PHOTOS]
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+    return (images - images.mean()) / images.std()
 
 
 def write_copy(image: Image.Image, kind: str, folder: Path, stem: str) -> Path:

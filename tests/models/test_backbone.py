@@ -1,18 +1,10 @@
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from conftest import TEST_PHOTOS, photo
+from conftest import standardised_photos
 from simclr_cli.models.backbone import Backbone, folded_for_inference
 from simclr_cli.models.export import state_fingerprint
-
-
-def _photo_batch(size: int) -> torch.Tensor:
-    """The tests' real photos, resized to size x size and standardised, (8, 3, S, S)."""
-    arrays = [np.asarray(photo(name).resize((size, size))) for name in TEST_PHOTOS]
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-    return (images - images.mean()) / images.std()
 
 
 @pytest.mark.parametrize(("arch", "small_stem"), [("resnet18", True), ("resnet50", False)])
@@ -28,7 +20,7 @@ def test_folded_batch_norm_computes_the_same_features(arch: str, small_stem: boo
             nn.init.uniform_(module.bias, -0.2, 0.2)
     backbone.eval()
     before = state_fingerprint(backbone)
-    images = _photo_batch(64)
+    images = standardised_photos(64)
 
     folded = folded_for_inference(backbone)
     with torch.inference_mode():

@@ -1,12 +1,11 @@
 import copy
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import simclr_cli.models.small_map_conv as small_map_conv
-from conftest import TEST_PHOTOS, photo
+from conftest import standardised_photos
 from simclr_cli.models.backbone import Backbone
 from simclr_cli.models.small_map_conv import SmallMapConv2d, weight_grad_by_matmul
 
@@ -142,12 +141,6 @@ def test_everything_else_is_plain_conv2d(case: str, matmul_calls: _CountingMatmu
         assert torch.equal(results[0][1], results[1][1])
 
 
-def _photos(size: int) -> torch.Tensor:
-    arrays = [np.asarray(photo(name).resize((size, size))) for name in TEST_PHOTOS]
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-    return ((images - images.mean()) / images.std()).contiguous(memory_format=torch.channels_last)
-
-
 def test_a_backbone_trains_its_last_stage_through_the_matmul_path(
     matmul_calls: _CountingMatmul,
 ) -> None:
@@ -160,7 +153,9 @@ def test_a_backbone_trains_its_last_stage_through_the_matmul_path(
             module.__class__ = nn.Conv2d
     assert backbone.state_dict().keys() == oneDNN_only.state_dict().keys()
 
-    images = _photos(32)  # the last stage runs at 4x4
+    images = standardised_photos(32).contiguous(
+        memory_format=torch.channels_last
+    )  # the last stage runs at 4x4
     for model in (oneDNN_only, backbone):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             features = model(images)
