@@ -96,11 +96,13 @@ def encoder_input(
     return torch.cat([view_a, view_b]).contiguous(memory_format=torch.channels_last)
 
 
-def step_timer(size: int, batch_size: int) -> tuple[Callable[[torch.Tensor], None], str]:
+def step_timer(
+    size: int, batch_size: int, precision_name: str = "auto"
+) -> tuple[Callable[[torch.Tensor], None], str]:
     """A training step of a fresh ResNet-18 SimCLR model, and the precision it runs in.
 
-    The step takes a (2B, 3, S, S) input; the precision is what `auto` picks for training
-    on this CPU.
+    The step takes a (2B, 3, S, S) input; the precision is `precision_name` as
+    `simclr pretrain --precision` resolves it on this CPU (`auto`: what training picks).
     """
     from simclr_cli.config import ModelConfig, OptimConfig, resolved_lr
     from simclr_cli.device import autocast, resolve_precision
@@ -109,7 +111,7 @@ def step_timer(size: int, batch_size: int) -> tuple[Callable[[torch.Tensor], Non
     from simclr_cli.optim import build_optimizer
 
     device = torch.device("cpu")
-    precision = resolve_precision("auto", device, training=True)
+    precision = resolve_precision(precision_name, device, training=True)
     torch.manual_seed(0)
     model = build_model(ModelConfig(), image_size=size).to(memory_format=torch.channels_last)
     optim_config = OptimConfig()
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{size:4d} px: " + " | ".join(cells), flush=True)
             if args.step:
                 _time_steps(versions, canvases, sizes, config, args.repeats)
-        print(load_line("load average at end"))
+        print(load_line("load average at end", own_threads=torch.get_num_threads()))
 
 
 def _time_steps(
@@ -210,11 +212,19 @@ def _time_steps(
         print(f"      {name}: {1000 * median:.0f}, ready / this {ready_median / median:.3f}")
 
 
-def load_line(label: str) -> str:
-    """The 1-minute load average against the core count: other work skews every timing."""
+def load_line(label: str, own_threads: int = 0) -> str:
+    """The 1-minute load average against the core count: other work skews every timing.
+
+    `own_threads` are this script's busy threads, which a load average taken at the end of
+    a run still counts (2.0 on 2 cores with nothing else running); work beyond them is
+    flagged once it exceeds the cores they leave free, or half a core where they use all.
+    """
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    note = " (other work is running: timings are not comparable)" if load > cores else ""
+    others = load - own_threads
+    note = ""
+    if others > max(cores - own_threads, 0.5):
+        note = " (other work is running: timings are not comparable)"
     return f"{label}: {load:.1f} on {cores} cores{note}"
 
 

@@ -1057,8 +1057,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--precision",
         choices=("fp32", "bf16", "auto"),
         help="our side, and lightly's unless --lightly-precision. Default: each tool as it "
-        "ships, ours `auto` (what `simclr pretrain` picks here: bf16 on CPUs with AMX, fp32 on "
-        "other CPUs) and lightly fp32 (its loop does not autocast)",
+        "ships, ours `auto` (what `simclr pretrain` picks here: bf16 on CPUs with AMX or "
+        "AVX512-BF16, fp32 on other CPUs) and lightly fp32 (its loop does not autocast)",
     )
     parser.add_argument(
         "--lightly-precision",

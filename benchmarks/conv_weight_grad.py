@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{args.step_repeats}: oneDNN {before:.0f}, small-map path {after:.0f}, "
               f"{before / after:.3f}x")  # fmt: skip
         record.setdefault("steps", {})[str(size)] = result
-    print(load_line("load average at end"))
+    print(load_line("load average at end", own_threads=torch.get_num_threads()))
     record["load_average_at_end"] = os.getloadavg()[0]
     if args.out:
         args.out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")

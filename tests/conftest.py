@@ -108,8 +108,9 @@ def _private_feature_cache(
 ):
     # Evaluation caches features; tests must never write into the user's own cache folder.
     monkeypatch.setenv("SIMCLR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "feature-cache"))
-    # `auto` trains in bf16 on CPUs with AMX; tests compare numbers across runs, processes
-    # and machines, so they train in fp32 everywhere unless a test asks for bf16 itself.
+    # `auto` trains in bf16 on CPUs with AMX or AVX512-BF16; tests compare numbers across
+    # runs, processes and machines, so they train in fp32 everywhere unless a test asks for
+    # bf16 itself.
     monkeypatch.setenv("SIMCLR_CPU_BF16", "0")
 
 

@@ -49,3 +49,21 @@ def test_older_revisions_are_timed_with_the_copies_their_step_made(
     assert old.is_contiguous(memory_format=torch.channels_last)
     assert ours.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(ours, old)
+
+
+def test_the_load_line_flags_other_work_but_not_the_scripts_own_threads(
+    load_benchmark: Callable[[str], ModuleType], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = load_benchmark("augment_speed")
+    monkeypatch.setattr(module.os, "cpu_count", lambda: 2)
+    flag = "other work is running"
+
+    monkeypatch.setattr(module.os, "getloadavg", lambda: (2.0, 0.0, 0.0))
+    # At the end of a run the average still holds the run's own two threads.
+    assert flag not in module.load_line("end", own_threads=2)
+    assert flag not in module.load_line("start")
+
+    monkeypatch.setattr(module.os, "getloadavg", lambda: (2.7, 0.0, 0.0))
+    assert flag in module.load_line("end", own_threads=2)
+    assert flag in module.load_line("start")
+    assert "2.7 on 2 cores" in module.load_line("start")

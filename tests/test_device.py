@@ -15,7 +15,7 @@ from simclr_cli.errors import DeviceError
 CPU = torch.device("cpu")
 
 
-def test_auto_on_the_cpu_trains_in_bf16_only_with_matrix_units(
+def test_auto_on_the_cpu_trains_in_bf16_only_when_forced_or_native(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("SIMCLR_CPU_BF16", "1")
@@ -25,6 +25,28 @@ def test_auto_on_the_cpu_trains_in_bf16_only_with_matrix_units(
     monkeypatch.setenv("SIMCLR_CPU_BF16", "0")
     assert resolve_precision("auto", CPU, training=True).name == "fp32"
     assert resolve_precision("BF16", CPU).dtype == torch.bfloat16  # asked for, always honoured
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"),
+    [
+        (True, False, "bf16"),  # Zen 4, Cooper Lake
+        (False, True, "bf16"),
+        (True, True, "bf16"),  # Sapphire Rapids and later
+        (False, False, "fp32"),  # AVX2 or plain AVX512: bf16 would be emulated
+        (None, None, "fp32"),  # a torch without the probes: unknown, so no gamble
+        (None, True, "bf16"),
+    ],
+)
+def test_auto_follows_the_cpu_bf16_probes(
+    avx512_bf16: bool | None, amx: bool | None, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SIMCLR_CPU_BF16", raising=False)
+    answers = {"_is_avx512_bf16_supported": avx512_bf16, "_is_amx_tile_supported": amx}
+    monkeypatch.setattr(device, "_cpu_probe", lambda name: answers[name])
+    assert resolve_precision("auto", CPU, training=True).name == expected
+    assert resolve_precision("auto", CPU).name == "fp32"
+    assert device.cpu_bf16_probes() == {"avx512_bf16": avx512_bf16, "amx_tile": amx}
 
 
 @pytest.mark.parametrize("native", [True, False])

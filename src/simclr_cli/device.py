@@ -3,10 +3,13 @@
 `auto` prefers CUDA, then Apple MPS, then the CPU. Mixed precision runs through autocast,
 and GradScaler only for fp16, the one format whose small range needs loss scaling.
 
-On the CPU, `auto` is fp32 except for training on processors with AMX matrix tiles (Intel
-Xeon since Sapphire Rapids), where bf16 autocast ran the ResNet-18 training step 2.2x faster
-and learned as well (benchmarks/README.md). Embedding and evaluation stay fp32 there: their
-similarities feed thresholds (duplicates) that bf16 rounding would blur.
+On the CPU, `auto` is fp32 except for training on processors with native bf16 arithmetic
+(AMX tiles, Intel Xeon since Sapphire Rapids; or AVX512-BF16, AMD since Zen 4 and Intel
+Cooper Lake). There bf16 autocast ran the ResNet-18 training step at 32 px 2.2x faster on a
+2-core AMX Xeon and 1.9x faster on a 2-core Zen 4 EPYC (7.80 s against 4.10 s for 256
+images, benchmarks/precision_step.py), and learned as well as fp32 within the spread between
+seeds (benchmarks/README.md). Embedding and evaluation stay fp32: their similarities feed
+thresholds (duplicates) that bf16 rounding would blur.
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ from simclr_cli.errors import DeviceError
 __all__ = [
     "Precision",
     "autocast",
-    "cpu_has_bf16_matrix_units",
+    "cpu_bf16_probes",
+    "cpu_trains_faster_in_bf16",
     "resolve_device",
     "resolve_precision",
 ]
 
 logger = logging.getLogger(__name__)
 
+# torch.cpu's private probes for native bf16 arithmetic.
+_BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -62,16 +68,23 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def cpu_has_bf16_matrix_units() -> bool:
-    """True where oneDNN can run bf16 convolutions on AMX tiles.
+def cpu_trains_faster_in_bf16() -> bool:
+    """True where the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), so `auto` trains in bf16.
 
-    Only AMX was measured to pay off; AVX512-BF16 alone is left at fp32 until measured.
-    `SIMCLR_CPU_BF16=0` (or `1`) overrides the detection.
+    Both kinds were measured to pay off (the module docstring). Where torch lacks the probes the
+    answer is unknown and `auto` stays with fp32. `SIMCLR_CPU_BF16=0` (or `1`) overrides
+    the detection.
     """
     forced = os.environ.get("SIMCLR_CPU_BF16", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
-    return _cpu_probe("_is_amx_tile_supported") is True  # unknown: stay with fp32
+    return any(answer is True for answer in cpu_bf16_probes().values())
+
+
+def cpu_bf16_probes() -> dict[str, bool | None]:
+    """What torch says about native bf16 arithmetic: avx512_bf16, amx_tile; None if unknown."""
+    return {name.removeprefix("_is_").removesuffix("_supported"): _cpu_probe(name)
+            for name in _BF16_PROBES}  # fmt: skip
 
 
 def _cpu_probe(name: str) -> bool | None:
@@ -105,13 +118,13 @@ def resolve_precision(name: str, device: torch.device, *, training: bool = False
     """Pick fp32/bf16/fp16 for `name`, resolving `auto` for this device.
 
     `auto` is bf16 (or fp16) on CUDA, fp32 on MPS, and on the CPU bf16 for training where
-    the processor has bf16 matrix units, fp32 otherwise.
+    the processor has native bf16 arithmetic, fp32 otherwise.
     """
     name = name.strip().lower()
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        elif device.type == "cpu" and training and cpu_has_bf16_matrix_units():
+        elif device.type == "cpu" and training and cpu_trains_faster_in_bf16():
             name = "bf16"
         else:
             name = "fp32"
@@ -135,7 +148,7 @@ def cpu_has_bf16_instructions() -> bool:
     fp32 for a training step on an AVX2 CPU (measured); on AVX512 without BF16 it is also
     emulated (not measured). If torch lacks the (private) probes, assume native, not warn.
     """
-    answers = [_cpu_probe(name) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    answers = list(cpu_bf16_probes().values())
     return None in answers or any(answers)
 
 

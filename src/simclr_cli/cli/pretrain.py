@@ -95,8 +95,8 @@ def pretrain_command(
     precision: Annotated[
         str | None,
         typer.Option(
-            help="auto, fp32, bf16 or fp16 (default: bf16/fp16 on CUDA, bf16 on CPUs with AMX, "
-            "fp32 elsewhere).",
+            help="auto, fp32, bf16 or fp16 (default: bf16/fp16 on CUDA, bf16 on CPUs with native "
+            "bf16 arithmetic (AMX or AVX512-BF16), fp32 elsewhere).",
             rich_help_panel=_RUN,
         ),
     ] = None,

@@ -8,13 +8,22 @@ at 32 px with the small stem, the last two at 96 px with the standard one. A Res
 512-channel layer at 4x4 took 148 ms there against 37. At 8x8 the two were about even
 (0.87-1.12x for 3x3 layers), and on 3x3 layers from 12x12 up oneDNN was 1.8-6.2x faster, so
 larger maps keep oneDNN's kernel. `benchmarks/conv_weight_grad.py` times every layer both
-ways, so the rule can be checked on another CPU; it was not measured on CPUs with
-AVX512-BF16 but no AMX, which use bf16 only when asked.
+ways, so the rule can be checked on another CPU.
+
+On a 2-core AMD Zen 4 EPYC (AVX512-BF16, no AMX; record conv-weight-grad-zen4.json)
+oneDNN's kernel does much better on small maps, and the same rule gains little: stride-1
+3x3 layers at 4x4 and 6x6 lost (0.76-0.92x), as did ResNet-18's 1x1 shortcut at 6x6 (0.76x,
+1.4 ms), while every other layer on the path gained 1.01-2.45x, stride-2 layers and 3x3
+maps the most. Summed over the layers the path takes, it saved 6 ms of a 4.2 s ResNet-18
+step at 32 px, 74 ms of 2.6 s at 96 px, and 171 and 234 ms per step on ResNet-50. Whole
+ResNet-18 steps timed 0.98x at 32 px and 1.02x at 96 px, within their noise. The rule is
+the same on every CPU: leaving the losing layers to oneDNN on such CPUs would save at most
+25-84 ms more per step there (the layer timings), a few percent.
 
 fp32 keeps oneDNN's kernel everywhere: on the same Xeon the product was only 1.04-1.9x
 faster per layer at 4x4 and 3x3 and 0.75-1.14x at 6x6 (about 110 ms of a 5.9 s fp32 step at
-32 px, from the layer timings), and it is unmeasured on CPUs without AMX, where fp32 is what
-`auto` picks.
+32 px, from the layer timings), and on the Zen 4 EPYC it was 0.63-1.21x at 6x6 and less,
+slower on most of those layers.
 
 The product is the gradient itself, not an approximation: the sum over every image and
 output position of the output gradient times the input patch. Both ways take the same bf16
