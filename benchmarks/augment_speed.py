@@ -144,13 +144,9 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also time a training step on ready input and with each version's views in line",
     )
-    parser.add_argument(
-        "--glibc-default",
-        action="store_true",
-        help="leave glibc's malloc settings alone (default: keep freed memory, as `simclr` does)",
-    )
+    add_glibc_default_option(parser)
     args = parser.parse_args(argv)
-    kept = False if args.glibc_default else keep_freed_memory()
+    kept = keep_freed_memory_unless(args.glibc_default)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -210,6 +206,20 @@ def _time_steps(
     for name, seconds in times.items():
         median = statistics.median(seconds)
         print(f"      {name}: {1000 * median:.0f}, ready / this {ready_median / median:.3f}")
+
+
+def add_glibc_default_option(parser: argparse.ArgumentParser) -> None:
+    """`--glibc-default`, shared by the timing scripts: leave malloc as glibc ships it."""
+    parser.add_argument(
+        "--glibc-default",
+        action="store_true",
+        help="leave glibc's malloc settings alone (default: keep freed memory, as `simclr` does)",
+    )
+
+
+def keep_freed_memory_unless(glibc_default: bool) -> bool:
+    """Keep freed memory as the `simclr` command does, unless asked not to; True if kept."""
+    return False if glibc_default else keep_freed_memory()
 
 
 def load_line(label: str, own_threads: int = 0) -> str:

@@ -29,9 +29,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from augment_speed import load_line  # noqa: E402
+from augment_speed import (  # noqa: E402
+    add_glibc_default_option,
+    keep_freed_memory_unless,
+    load_line,
+)
 
-from simclr_cli.allocator import keep_freed_memory  # noqa: E402
 from simclr_cli.models import backbone as backbone_module  # noqa: E402
 from simclr_cli.models.backbone import Backbone  # noqa: E402
 from simclr_cli.models.small_map_conv import (  # noqa: E402
@@ -155,14 +158,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--step", type=int, nargs="*", help="also time training steps at these px")
     parser.add_argument("--step-repeats", type=int, default=5)
     parser.add_argument("--step-batch", type=int, default=256, help="images per timed step")
-    parser.add_argument(
-        "--glibc-default",
-        action="store_true",
-        help="leave glibc's malloc settings alone (default: keep freed memory, as `simclr` does)",
-    )
+    add_glibc_default_option(parser)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    kept = False if args.glibc_default else keep_freed_memory()
+    kept = keep_freed_memory_unless(args.glibc_default)
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     record: dict[str, Any] = {
         "torch": torch.__version__,

@@ -29,10 +29,16 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from augment_speed import encoder_input, load_line, photo_canvases, step_timer  # noqa: E402
+from augment_speed import (  # noqa: E402
+    add_glibc_default_option,
+    encoder_input,
+    keep_freed_memory_unless,
+    load_line,
+    photo_canvases,
+    step_timer,
+)
 from bench_vs_lightly import matmul_gflops  # noqa: E402
 
-from simclr_cli.allocator import keep_freed_memory  # noqa: E402
 from simclr_cli.config import AugmentConfig  # noqa: E402
 from simclr_cli.data import augment  # noqa: E402
 from simclr_cli.device import cpu_bf16_probes, resolve_precision  # noqa: E402
@@ -73,14 +79,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=256, help="images per step (2 views)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--matmul-side", type=int, default=2048, help="largest product side")
-    parser.add_argument(
-        "--glibc-default",
-        action="store_true",
-        help="leave glibc's malloc settings alone (default: keep freed memory, as `simclr` does)",
-    )
+    add_glibc_default_option(parser)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    kept = False if args.glibc_default else keep_freed_memory()
+    kept = keep_freed_memory_unless(args.glibc_default)
     cpu = torch.device("cpu")
     probes = cpu_bf16_probes()
     auto = resolve_precision("auto", cpu, training=True).name
