@@ -10,6 +10,7 @@ from simclr_cli import device
 from simclr_cli.config import AugmentConfig, RunConfig, TrainConfig
 from simclr_cli.device import resolve_device, resolve_precision
 from simclr_cli.engine.pretrain import pretrain
+from simclr_cli.engine.progress import NullReporter
 from simclr_cli.errors import DeviceError
 
 CPU = torch.device("cpu")
@@ -92,3 +93,36 @@ def test_auto_precision_is_logged_as_resolved(
         == "auto"
     )
     assert result.step == 1
+
+
+def test_a_resumed_run_says_when_auto_now_resolves_to_another_precision(
+    few_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Messages(NullReporter):
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def message(self, text: str) -> None:
+            self.lines.append(text)
+
+    def run(epochs: int, *, resume: bool) -> list[str]:
+        config = RunConfig(
+            augment=AugmentConfig(image_size=16, flip_prob=0.0),
+            train=TrainConfig(data_dir=str(few_digits), out_dir=str(tmp_path / "run"),
+                              epochs=epochs, global_batch_size=32, num_workers=0),
+        )  # fmt: skip
+        messages = Messages()
+        pretrain(config, reporter=messages, resume=resume)
+        return [line for line in messages.lines if line.startswith("precision:")]
+
+    monkeypatch.setenv("SIMCLR_CPU_BF16", "1")
+    assert run(1, resume=False) == []
+    assert run(2, resume=True) == []  # same precision: nothing to say
+    monkeypatch.setenv("SIMCLR_CPU_BF16", "0")
+    said = run(3, resume=True)
+    assert said == [
+        "precision: this run trained in bf16 until now and continues in fp32 (--precision auto "
+        "resolves on each start; SIMCLR_CPU_BF16=1 keeps bf16 on this CPU)"
+    ]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["precision"] for r in records if r.get("kind") == "start"] == ["bf16", "bf16", "fp32"]

@@ -5,8 +5,8 @@ and GradScaler only for fp16, the one format whose small range needs loss scalin
 
 On the CPU, `auto` is fp32 except for training on processors with native bf16 arithmetic
 (AMX tiles, Intel Xeon since Sapphire Rapids; or AVX512-BF16, AMD since Zen 4 and Intel
-Cooper Lake). There bf16 autocast ran the ResNet-18 training step at 32 px 2.2x faster on a
-2-core AMX Xeon and 1.9x faster on a 2-core Zen 4 EPYC (7.80 s against 4.10 s for 256
+Cooper Lake). There bf16 autocast ran the ResNet-18 training step at 32 px 2.2-2.8x faster
+on a 2-core AMX Xeon and 1.9x faster on a 2-core Zen 4 EPYC (7.80 s against 4.10 s for 256
 images, benchmarks/precision_step.py), and learned as well as fp32 within the spread between
 seeds (benchmarks/README.md). Embedding and evaluation stay fp32: their similarities feed
 thresholds (duplicates) that bf16 rounding would blur.

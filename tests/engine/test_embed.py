@@ -79,6 +79,8 @@ def test_broken_files_are_listed_in_the_manifest_not_embedded(
     assert result.rows == 6 and np.load(result.array_path).shape == (6, 512)
     meta = json.loads((tmp_path / "out" / "vecs.json").read_text())
     assert meta["rows"] == 6 and meta["skipped"] == 2
+    # `auto` embeds in fp32, on every CPU; the record says what it resolved to.
+    assert meta["precision"] == "fp32" and meta["device"] == "cpu"
 
 
 def test_projection_and_normalised_rows(few_digits: Path, model_dir: Path, tmp_path: Path) -> None:

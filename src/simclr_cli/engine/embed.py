@@ -179,6 +179,8 @@ def embed_folder(
             dim=dim,
             skipped=skip_log.count,
             weights_sha256=identity["weights_sha256"],
+            device=device,
+            precision=precision,
         )
     except OSError as error:
         staged_manifest.unlink(missing_ok=True)
@@ -440,6 +442,8 @@ def _write_meta(
     dim: int,
     skipped: int,
     weights_sha256: str,
+    device: torch.device,
+    precision: Precision,
 ) -> None:
     meta = {
         "array": out_path.name,
@@ -450,6 +454,9 @@ def _write_meta(
         "data_dir": os.path.abspath(data_dir),
         "output": "projection" if options.projection else "features",
         "l2_normalized": options.l2_normalize,
+        # What `auto` resolved to: rows embedded in bf16 differ slightly from fp32 ones.
+        "device": str(device),
+        "precision": precision.name,
         "rows": rows,
         "dim": dim,
         "skipped": skipped,

@@ -259,6 +259,7 @@ def _pretrain(
     metrics = MetricsLog(run_dir / "metrics.jsonl") if context.is_main else _NoMetrics()
     if resume:
         _restore(loop, config, run_dir, metrics, reporter)  # every rank loads the same file
+        _say_if_precision_changed(metrics.read(), precision, device, reporter)
     context.broadcast_module(loop.model)
     record = _start_record(
         config, device=device, precision=precision, loop=loop, num_images=num_images
@@ -625,6 +626,28 @@ def _restore(
             f"resumed at step {loop.step} (epoch {loop.epoch + 1} of {config.train.epochs}, "
             f"batch {loop.batch_in_epoch})"
         )
+
+
+def _say_if_precision_changed(
+    records: list[dict[str, Any]], precision: Precision, device: torch.device, reporter: Reporter
+) -> None:
+    """Say so when a resumed run continues in another precision than it trained in.
+
+    `--precision auto` is kept as `auto` and resolved on every start (on the machine the run
+    resumes on, with that release's rule), so the same run may switch between fp32 and
+    bf16; --precision itself cannot change on resume, so the environment pin is the way back.
+    """
+    starts = [record for record in records if record.get("kind") == "start"]
+    before = starts[-1].get("precision") if starts else None
+    if before is None or before == precision.name:
+        return
+    pin = ""
+    if device.type == "cpu" and before in ("fp32", "bf16"):
+        pin = f"; SIMCLR_CPU_BF16={1 if before == 'bf16' else 0} keeps {before} on this CPU"
+    reporter.message(
+        f"precision: this run trained in {before} until now and continues in {precision.name} "
+        f"(--precision auto resolves on each start{pin})"
+    )
 
 
 def _check_same_run(saved: dict[str, Any], config: RunConfig, path: Path) -> None:

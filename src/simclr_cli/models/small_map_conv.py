@@ -16,7 +16,7 @@ oneDNN's kernel does much better on small maps, and the same rule gains little: 
 1.4 ms), while every other layer on the path gained 1.01-2.45x, stride-2 layers and 3x3
 maps the most. Summed over the layers the path takes, it saved 6 ms of a 4.2 s ResNet-18
 step at 32 px, 74 ms of 2.6 s at 96 px, and 171 and 234 ms per step on ResNet-50. Whole
-ResNet-18 steps timed 0.98x at 32 px and 1.02x at 96 px, within their noise. The rule is
+ResNet-18 steps timed 0.98x at 32 px and 1.01x at 96 px, within their noise. The rule is
 the same on every CPU: leaving the losing layers to oneDNN on such CPUs would save at most
 25-84 ms more per step there (the layer timings), a few percent.
 
