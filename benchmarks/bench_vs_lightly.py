@@ -830,14 +830,17 @@ def lightly_version() -> str | None:
         return None
 
 
-def machine_record(threads: int) -> dict[str, Any]:
-    """Versions, threads and the machine, for the JSON beside the table."""
-    cpu_model = ""
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo; empty where there is none."""
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as handle:
         for line in handle:
             if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
+    return ""
+
+
+def machine_record(threads: int) -> dict[str, Any]:
+    """Versions, threads and the machine, for the JSON beside the table."""
     flags = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as handle:
         for line in handle:
@@ -869,7 +872,7 @@ def machine_record(threads: int) -> dict[str, Any]:
             "pillow": Image.__version__,
         },
         "torch_num_threads": threads,
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "cpu_bf16_instructions": {
             flag: flag in flags.split() for flag in ("avx512_bf16", "amx_bf16", "avx512f")
         },

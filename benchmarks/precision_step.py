@@ -37,7 +37,7 @@ from augment_speed import (  # noqa: E402
     photo_canvases,
     step_timer,
 )
-from bench_vs_lightly import matmul_gflops  # noqa: E402
+from bench_vs_lightly import cpu_model, matmul_gflops  # noqa: E402
 
 from simclr_cli.config import AugmentConfig  # noqa: E402
 from simclr_cli.data import augment  # noqa: E402
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
-        "cpu_model": _cpu_model(),
+        # platform.processor() is often empty on Linux; /proc/cpuinfo names the model.
+        "cpu_model": cpu_model() or platform.processor(),
         "probes": probes,
         "auto": auto,
         "batch": args.batch,
@@ -119,17 +120,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out:
         args.out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return record
-
-
-def _cpu_model() -> str:
-    """The model name from /proc/cpuinfo where it exists; platform.processor() is often empty."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
