@@ -186,27 +186,43 @@ def prepare_digits(root: Path, *, images: int, eval_images: int) -> tuple[Path, 
     return root / "train", root / "test"
 
 
-def prepare_photos(root: Path, *, images: int, eval_images: int) -> tuple[Path, Path]:
-    """Random crops of scikit-image's photos as JPEGs; the class is the source photo.
+def load_photo(name: str) -> np.ndarray:
+    """A photo shipped in a package, RGB or grayscale, alpha dropped.
+
+    `name` is a scikit-image loader's name, or scikit-learn's `china.jpg` or `flower.jpg`.
+    """
+    if name.endswith(".jpg"):
+        from sklearn.datasets import load_sample_image
+
+        photo = load_sample_image(name)
+    else:
+        import skimage.data
+
+        photo = getattr(skimage.data, name)()
+    return photo[:, :, :3] if photo.ndim == 3 and photo.shape[2] == 4 else photo
+
+
+def prepare_photos(
+    root: Path, *, images: int, eval_images: int, names: Sequence[str] = PHOTO_NAMES
+) -> tuple[Path, Path]:
+    """Random crops of packaged photos as JPEGs; the class is the source photo.
+
+    `names` are load_photo's: scikit-image's photos by default.
 
     Train crops come from the left 70% of each photo and test crops from the right 30%, so a
     test image never shares pixels with a training image. Each crop is saved with its
     shorter side between 128 and 320 px (quality 90), so every epoch that decodes from
     disk pays for real JPEG decoding and resizing.
     """
-    import skimage.data
-
     for split, count, seed in (("train", images, 1234), ("test", eval_images, 5678)):
         rng = np.random.default_rng(seed)
-        per_class = max(1, count // len(PHOTO_NAMES))
-        for name in PHOTO_NAMES:
-            photo = getattr(skimage.data, name)()
-            if photo.ndim == 3 and photo.shape[2] == 4:
-                photo = photo[:, :, :3]
+        per_class = max(1, count // len(names))
+        for name in names:
+            photo = load_photo(name)
             height, width = photo.shape[:2]
             cut = int(width * 0.7)
             x_low, x_high = (0, cut) if split == "train" else (cut, width)
-            folder = root / split / name
+            folder = root / split / name.removesuffix(".jpg")
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
                 crop = _random_crop(photo, rng, x_low=x_low, x_high=x_high, height=height)
