@@ -34,6 +34,7 @@ from augment_speed import (  # noqa: E402
     keep_freed_memory_unless,
     load_line,
 )
+from bench_vs_lightly import cpu_model  # noqa: E402
 
 from simclr_cli.models import backbone as backbone_module  # noqa: E402
 from simclr_cli.models.backbone import Backbone  # noqa: E402
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
-        "processor": platform.processor(),
+        # platform.processor() is empty on most Linux systems; /proc/cpuinfo names the model.
+        "processor": cpu_model() or platform.processor(),
         "small_map_positions": SMALL_MAP_POSITIONS,
         "batch": args.batch,
         "freed_memory_kept": kept,

@@ -26,6 +26,10 @@ def test_it_times_each_layer_both_ways_and_marks_the_ones_the_engine_sends_to_ma
 
     record = json.loads(out_path.read_text(encoding="utf-8"))
     assert record["freed_memory_kept"] is False
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():  # the model name, where platform.processor() is often empty
+        names = [line for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        assert record["processor"] == names[0].split(":", 1)[1].strip()
     assert record["load_average_at_start"] >= 0 and record["load_average_at_end"] >= 0
     layers = record["layers"]
     # A ResNet-18 with the small stem has 11 distinct convolution shapes, each in 2 precisions.
