@@ -7,14 +7,18 @@ the interpreter's start, the imports, decoding, checkpoints and every file writt
     simclr pretrain DATA ...    then    simclr embed DATA --model RUN ...
     lightly-ssl-train ...       then    lightly-embed checkpoint=CKPT ...
 
-The data is a folder neither benchmark otherwise uses, or any folder given with --data:
+The data is data bench_vs_lightly.py does not use, or any folder given with --data (a
+folder with images both at its top and in sub-folders is refused: lightly's commands would
+read only the sub-folders):
 - `--dataset digits` (default, 32 px): scikit-learn's 1,797 handwritten 8x8 digits (the UCI
   optical digits test set, in the package), written as PNG files.
 - `--dataset photos` (64 px): 768 JPEG crops (shorter side 128-320 px) of six packaged
   photos that bench_vs_lightly.py does not use: scikit-learn's china and flower,
   scikit-image's cell, clock, microaneurysms and text (licences: docs/datasets.md).
-The commands and their output go to the work folder; the exact commands are printed, to be
-repeated by hand.
+The commands' output goes to the work folder (kept with --work-dir, or when a command
+fails); the exact commands are printed before they run, to be repeated by hand. The
+`simclr` and lightly commands timed are those installed beside this script's Python, or
+else the first on PATH.
 
 What both commands share: image size, batch size, epochs, the network (lightly's command
 builds only its CIFAR-style ResNet-18, a 3x3 stride-1 stem without max-pool, at every size,
@@ -29,13 +33,16 @@ precision (ours `auto`: bf16 on CPUs with AMX or AVX512-BF16; lightly's trainer 
 optimiser (ours LARS; lightly's command plain SGD at lr 1.0), progress output and files.
 lightly's command is told `pre_trained=False`, so it downloads nothing.
 
-Images per second are images trained (epochs x full batches x batch size: both drop the
-last partial batch) or embedded, over the command's wall time. A kNN top-1 (k = 20,
+Images per second are images trained or embedded, over the command's wall time. Images
+trained are each tool's own: simclr's steps x batch from its metrics.jsonl; for lightly,
+epochs x full batches (it drops the last partial one, as simclr does) of the images its
+embedding read. A warning says when the two tools read different numbers of images
+(simclr skips unreadable files; lightly stops at one). A kNN top-1 (k = 20,
 cosine, weighted votes) on each tool's embedding of the same files, labels from the file
 names (a digit's `NNNN-<digit>.png`) or else from the parent folder, shows that
 both learnt something comparable; one seed, so read it loosely.
 
-    python benchmarks/cli_vs_lightly.py --out benchmarks/results/cli-digits8.json
+    python benchmarks/cli_vs_lightly.py --out benchmarks/results/cli-digits8-zen4.json
 """
 
 from __future__ import annotations
@@ -64,11 +71,11 @@ from augment_speed import load_line  # noqa: E402
 from bench_vs_lightly import cpu_model, lightly_version, prepare_photos  # noqa: E402
 
 from simclr_cli.config import AugmentConfig, blur_probability  # noqa: E402
+from simclr_cli.data.images import IMAGE_EXTENSIONS  # noqa: E402
 from simclr_cli.data.loader import cache_fill_workers, default_num_workers  # noqa: E402
 from simclr_cli.engine.knn import knn_top1  # noqa: E402
 
 SIDES = ("simclr", "lightly")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 # Packaged photos that bench_vs_lightly.py's photo configuration leaves out.
 OTHER_PHOTOS = ("china.jpg", "flower.jpg", "cell", "clock", "microaneurysms", "text")
 DEFAULT_SIZE = {"digits": 32, "photos": 64}
@@ -89,8 +96,23 @@ def write_sklearn_digits(folder: Path) -> Path:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively, in name order."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    """Files under `folder` that `simclr` would read, recursively, in name order."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def check_layout_for_lightly(data: Path, files: list[Path]) -> None:
+    """Refuse a folder whose top holds images beside sub-folders of images.
+
+    lightly's dataset reads such a folder as torchvision's ImageFolder does, sub-folders
+    only, while `simclr` reads every file: the two would train on different images.
+    """
+    on_top = sum(1 for f in files if f.parent == data)
+    if 0 < on_top < len(files):
+        raise SystemExit(
+            f"error: {data} has {on_top} images at its top and {len(files) - on_top} in "
+            "sub-folders; lightly's commands would read only the sub-folders, so the tools "
+            "would not train on the same images. Move the top-level images into a sub-folder."
+        )
 
 
 def label_of(path: Path, *, from_name: bool) -> str:
@@ -163,11 +185,17 @@ def _hydra_value(path: Path) -> str:
 
 
 def _executable(name: str) -> str:
-    found = shutil.which(name)
+    """The command installed beside this Python, else the first on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
     if found is None:
         hint = "pip install -e '.[bench]'" if name.startswith("lightly") else "pip install -e ."
         raise SystemExit(f"error: `{name}` is not on PATH ({hint})")
     return found
+
+
+class CommandFailed(SystemExit):
+    """A timed command exited with an error; the work folder is kept for its log."""
 
 
 def timed(command: list[str], cwd: Path, log: Path) -> float:
@@ -179,9 +207,9 @@ def timed(command: list[str], cwd: Path, log: Path) -> float:
         seconds = time.perf_counter() - started
     if result.returncode != 0:
         tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
-        raise SystemExit(
+        raise CommandFailed(
             f"error: {Path(command[0]).name} exited with {result.returncode}; "
-            f"last lines of {log}:\n" + "\n".join(tail)
+            f"its output is in {log}; the last lines:\n" + "\n".join(tail)
         )
     return seconds
 
@@ -225,7 +253,7 @@ def knn_of(array: np.ndarray, paths: list[Path], *, from_name: bool) -> float | 
 
 
 def run_side(
-    side: str, args: argparse.Namespace, data: Path, work: Path, files: list[Path]
+    side: str, args: argparse.Namespace, data: Path, work: Path, *, show_commands: bool
 ) -> dict[str, Any]:
     """One tool's two commands, timed, and its embedding read back and scored."""
     work.mkdir(parents=True, exist_ok=True)
@@ -234,14 +262,22 @@ def run_side(
         cwd = work
     else:
         pretrain, embed, vectors = lightly_commands(args, data, work)
-        cwd = work / "lightly"
+        cwd = work / "lightly"  # lightly-ssl-train writes its checkpoints here
+    if show_commands:
+        if side == "lightly":
+            print(f"  $ cd {shlex.quote(str(cwd))}")
+        for command in (pretrain, embed):
+            print(f"  $ {shlex.join(command)}")
     pretrain_s = timed(pretrain, cwd, work / f"{side}-pretrain.log")
     embed_s = timed(embed, cwd, work / f"{side}-embed.log")
     if side == "simclr":
         array, paths = simclr_rows(vectors)
     else:
         array, paths = lightly_rows(vectors, data)
-    trained = args.epochs * (len(files) // args.batch_size) * args.batch_size
+    # Images each tool itself found: simclr's embedding skips unreadable files, and lightly's
+    # embedding reads the folder with the same dataset class as its training.
+    found = int(array.shape[0])
+    trained = args.epochs * (found // args.batch_size) * args.batch_size
     result = {
         "pretrain_command": pretrain,
         "embed_command": embed,
@@ -249,18 +285,16 @@ def run_side(
         "embed_seconds": embed_s,
         "images_trained": trained,
         "pretrain_images_per_s": trained / pretrain_s,
-        "embedded_rows": int(array.shape[0]),
+        "embedded_rows": found,
         "embed_images_per_s": array.shape[0] / embed_s,
         "feature_width": int(array.shape[1]),
         "knn_top1": knn_of(array, paths, from_name=args.data is None and args.dataset == "digits"),
     }
     if side == "simclr":
         result.update(_simclr_run_facts(work / "simclr-run" / "metrics.jsonl", args))
-        if result["steps_x_batch"] != trained:
-            raise SystemExit(
-                f"error: simclr trained {result['steps_x_batch']} images, not the {trained} "
-                "this script counts for both tools; the rates would not compare"
-            )
+        # The run's own count wins (it is what the steps trained).
+        result["images_trained"] = result["steps_x_batch"]
+        result["pretrain_images_per_s"] = result["steps_x_batch"] / pretrain_s
     return result
 
 
@@ -279,8 +313,9 @@ def _simclr_run_facts(metrics: Path, args: argparse.Namespace) -> dict[str, Any]
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options; the image size defaults per dataset."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=sorted(DEFAULT_SIZE), default="digits")
-    parser.add_argument("--data", type=Path, help="a folder of images instead of --dataset")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--dataset", choices=sorted(DEFAULT_SIZE), help="default: digits")
+    source.add_argument("--data", type=Path, help="a folder of images instead of --dataset")
     parser.add_argument(
         "--images", type=int, default=768, help="photo crops for --dataset photos (768)"
     )
@@ -298,85 +333,121 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=1, help="rounds, the sides in turns")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
-    parser.add_argument("--work-dir", type=Path, help="default: a temporary folder, removed")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="a new or empty folder, kept (default: a temporary folder, removed unless a "
+        "command fails)",
+    )
     parser.add_argument("--out", type=Path, help="write the JSON record here")
     args = parser.parse_args(argv)
+    if args.data is None and args.dataset is None:
+        args.dataset = "digits"
     if args.image_size is None:
-        args.image_size = DEFAULT_SIZE[args.dataset]
+        args.image_size = DEFAULT_SIZE[args.dataset or "photos"]
     if args.batch_size < 2:
         parser.error("--batch-size must be at least 2")
+    if args.repeats < 1 or args.images < 1:
+        parser.error("--repeats and --images must be at least 1")
+    if args.data is not None and not args.data.is_dir():
+        parser.error(f"--data {args.data}: no such folder")
+    if args.work_dir is not None and args.work_dir.exists() and any(args.work_dir.iterdir()):
+        parser.error(f"--work-dir {args.work_dir} is not empty; give a new or empty folder")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the rounds; print the commands and the table, return (and write) the record."""
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="simclr-cli-bench-") as tmp:
-        work = args.work_dir.resolve() if args.work_dir else Path(tmp)
-        if args.data is not None:
-            data = args.data.resolve()
-        elif args.dataset == "digits":
-            data = write_sklearn_digits(work / "digits8" / "all").parent
-        else:
-            data, _ = prepare_photos(
-                work / "photos", images=args.images, eval_images=0, names=OTHER_PHOTOS
+    if args.work_dir is not None:
+        work = args.work_dir.resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        return _benchmark(args, work)
+    work = Path(tempfile.mkdtemp(prefix="simclr-cli-bench-"))
+    try:
+        record = _benchmark(args, work)
+    except CommandFailed:
+        print(f"work folder kept for the logs: {work}", file=sys.stderr)
+        raise
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return record
+
+
+def _benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The data, the rounds, the table and the record, in `work`."""
+    if args.data is not None:
+        data = args.data.resolve()
+    elif args.dataset == "digits":
+        data = write_sklearn_digits(work / "digits8" / "all").parent
+    else:
+        data, _ = prepare_photos(
+            work / "photos", images=args.images, eval_images=0, names=OTHER_PHOTOS
+        )
+    files = image_files(data)
+    if len(files) < args.batch_size:
+        raise SystemExit(f"error: {len(files)} images in {data}, fewer than one batch")
+    if "lightly" in args.sides:
+        check_layout_for_lightly(data, files)
+    print(f"{len(files)} image files in {data}; {args.image_size} px, batch {args.batch_size}, "
+          f"{args.epochs} epochs; sides in turns, {args.repeats} round(s)")  # fmt: skip
+    print(f"work folder: {work}")
+    print(load_line("load average at start"))
+    rounds: dict[str, list[dict[str, Any]]] = {side: [] for side in args.sides}
+    for repeat in range(args.repeats):
+        for side in args.sides:
+            result = run_side(
+                side, args, data, work / f"round{repeat}" / side, show_commands=repeat == 0
             )
-        files = image_files(data)
-        if len(files) < args.batch_size:
-            raise SystemExit(f"error: {len(files)} images in {data}, fewer than one batch")
-        print(f"{len(files)} images in {data}; {args.image_size} px, batch {args.batch_size}, "
-              f"{args.epochs} epochs; sides in turns, {args.repeats} round(s)")  # fmt: skip
-        print(load_line("load average at start"))
-        rounds: dict[str, list[dict[str, Any]]] = {side: [] for side in args.sides}
-        for repeat in range(args.repeats):
-            for side in args.sides:
-                result = run_side(side, args, data, work / f"round{repeat}" / side, files)
-                rounds[side].append(result)
-                if repeat == 0:
-                    for key in ("pretrain_command", "embed_command"):
-                        command = [Path(result[key][0]).name, *result[key][1:]]
-                        print(f"  $ {shlex.join(command)}")
-                print(f"round {repeat + 1} {side}: pretrain {result['pretrain_seconds']:.1f} s, "
-                      f"embed {result['embed_seconds']:.1f} s")  # fmt: skip
-        print(load_line("load average at end", own_threads=torch.get_num_threads()))
-        record: dict[str, Any] = {
-            "machine": {
-                "cpu_model": cpu_model(),
-                "cpu_count": os.cpu_count(),
-                "platform": platform.platform(),
-                "load_average_at_end": os.getloadavg(),
-            },
-            "versions": {
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "lightly": lightly_version(),
-                **_versions(),
-            },
-            "settings": {
-                "data": str(args.data) if args.data else args.dataset,
-                "images": len(files),
-                "image_size": args.image_size,
-                "batch_size": args.batch_size,
-                "epochs": args.epochs,
-                "workers": args.workers,
-                "workers_each_by_default": {
-                    "simclr": {
-                        "training": default_num_workers(),
-                        "cache_fill": cache_fill_workers(None),
-                    },
-                    "lightly": os.cpu_count(),  # its command's num_workers=-1: every core
+            rounds[side].append(result)
+            print(f"round {repeat + 1} {side}: pretrain {result['pretrain_seconds']:.1f} s, "
+                  f"embed {result['embed_seconds']:.1f} s")  # fmt: skip
+        found = {side: rounds[side][-1]["embedded_rows"] for side in args.sides}
+        if len(set(found.values())) > 1:
+            print(f"warning: the tools read different numbers of images ({found}); their "
+                  "rates count their own images, and the kNN scores differ in what they "
+                  "cover")  # fmt: skip
+    print(load_line("load average at end", own_threads=torch.get_num_threads()))
+    record: dict[str, Any] = {
+        "machine": {
+            "cpu_model": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_at_end": os.getloadavg(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "lightly": lightly_version(),
+            **_versions(),
+        },
+        "settings": {
+            "data": str(args.data) if args.data else args.dataset,
+            "image_files": len(files),
+            "image_size": args.image_size,
+            "batch_size": args.batch_size,
+            "epochs": args.epochs,
+            "workers": args.workers,
+            "workers_each_by_default": {
+                "simclr": {
+                    "training": default_num_workers(),
+                    "cache_fill": cache_fill_workers(None),
                 },
-                "lightly_precision": args.lightly_precision,
-                "repeats": args.repeats,
+                "lightly": os.cpu_count(),  # its command's num_workers=-1: every core
             },
-            "rounds": rounds,
-            "summary": summary(rounds),
-        }
-        print(format_table(record["summary"], args))
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-            print(f"record: {args.out}")
+            "lightly_precision": args.lightly_precision,
+            "repeats": args.repeats,
+        },
+        "rounds": rounds,
+        "summary": summary(rounds),
+    }
+    print(format_table(record["summary"], args))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        print(f"record: {args.out}")
     return record
 
 

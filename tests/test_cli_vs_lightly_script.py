@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -77,7 +78,7 @@ def test_it_times_simclrs_two_commands_and_scores_their_embedding(
     assert 0 <= result["knn_top1"] <= 100
     assert result["precision"] in ("fp32", "bf16")
     assert "--workers 0" in " ".join(result["pretrain_command"])
-    assert f"$ simclr pretrain {small}" in out
+    assert re.search(rf"\$ \S*/simclr pretrain {re.escape(str(small))} ", out), out
     assert "images trained / s" in out and "simclr/lightly" not in out
     assert (tmp_path / "work" / "round0" / "simclr" / "simclr-run" / "model.safetensors").exists()
 
@@ -106,4 +107,59 @@ def test_lightlys_commands_run_offline_with_the_same_settings(
     ours = record["rounds"]["simclr"][0]
     ratio = record["summary"]["simclr_over_lightly"]["pretrain_images_per_s"]
     assert ratio == pytest.approx(ours["pretrain_images_per_s"] / theirs["pretrain_images_per_s"])
-    assert "simclr/lightly" in out and "$ lightly-ssl-train" in out
+    assert "simclr/lightly" in out
+    assert re.search(r"\$ cd \S+\n  \$ \S*/lightly-ssl-train input_dir=", out), out
+
+
+def test_it_refuses_what_would_not_compare_before_running_anything(
+    digit_folders: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    load_benchmark: Callable[[str], ModuleType],
+) -> None:
+    _, small = digit_folders
+    module = load_benchmark("cli_vs_lightly")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(small, mixed)
+    for path in sorted((mixed / "0").iterdir())[:5]:
+        shutil.move(path, mixed / path.name)
+    small_run = ["--batch-size", "16", "--epochs", "1", "--image-size", "16"]
+
+    # lightly's commands would read only the sub-folders; simclr reads every file.
+    with pytest.raises(SystemExit, match="5 images at its top and 35 in sub-folders"):
+        module.main(["--data", str(mixed), *small_run, "--work-dir", str(tmp_path / "w1")])
+    assert not (tmp_path / "w1" / "round0").exists()
+
+    used = tmp_path / "used"
+    (used / "round0").mkdir(parents=True)
+    for argv in (
+        ["--data", str(small), "--work-dir", str(used)],
+        ["--data", str(tmp_path / "missing")],
+        ["--dataset", "photos", "--data", str(small)],
+        ["--repeats", "0"],
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            module.main([*argv, *small_run])
+        assert stopped.value.code == 2, argv  # argparse's usage error, one line on stderr
+    errors = capsys.readouterr().err
+    assert "is not empty; give a new or empty folder" in errors
+    assert "missing: no such folder" in errors
+    assert "not allowed with argument" in errors
+
+
+def test_a_failed_command_keeps_the_temporary_work_folder_for_its_log(
+    digit_folders: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    load_benchmark: Callable[[str], ModuleType],
+) -> None:
+    _, small = digit_folders
+    module = load_benchmark("cli_vs_lightly")
+    with pytest.raises(SystemExit, match=r"simclr exited with \d+; its output is in (\S+)"):
+        module.main(["--data", str(small), "--sides", "simclr", "--batch-size", "16",
+                     "--epochs", "0"])  # fmt: skip
+    kept = capsys.readouterr().err.split("work folder kept for the logs: ")[1].strip()
+    log = Path(kept) / "round0" / "simclr" / "simclr-pretrain.log"
+    try:
+        assert "epochs" in log.read_text(encoding="utf-8")
+    finally:
+        shutil.rmtree(kept)
