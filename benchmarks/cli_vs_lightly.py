@@ -299,7 +299,7 @@ def run_side(
 
 
 def _simclr_run_facts(metrics: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Precision and steps from the run's own record, to check the images-trained count."""
+    """Precision and steps from the run's own record: the images it trained are steps x batch."""
     records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()]
     start = next(r for r in records if r["kind"] == "start")
     steps = max(r["step"] for r in records if r["kind"] == "step")
