@@ -277,7 +277,12 @@ def run_side(
     # Images each tool itself found: simclr's embedding skips unreadable files, and lightly's
     # embedding reads the folder with the same dataset class as its training.
     found = int(array.shape[0])
-    trained = args.epochs * (found // args.batch_size) * args.batch_size
+    facts = {}
+    if side == "simclr":  # its run's own count: the steps it took
+        facts = _simclr_run_facts(work / "simclr-run" / "metrics.jsonl", args)
+        trained = facts["steps_x_batch"]
+    else:  # full batches only, as its loader drops the last partial one
+        trained = args.epochs * (found // args.batch_size) * args.batch_size
     result = {
         "pretrain_command": pretrain,
         "embed_command": embed,
@@ -290,12 +295,7 @@ def run_side(
         "feature_width": int(array.shape[1]),
         "knn_top1": knn_of(array, paths, from_name=args.data is None and args.dataset == "digits"),
     }
-    if side == "simclr":
-        result.update(_simclr_run_facts(work / "simclr-run" / "metrics.jsonl", args))
-        # The run's own count wins (it is what the steps trained).
-        result["images_trained"] = result["steps_x_batch"]
-        result["pretrain_images_per_s"] = result["steps_x_batch"] / pretrain_s
-    return result
+    return result | facts
 
 
 def _simclr_run_facts(metrics: Path, args: argparse.Namespace) -> dict[str, Any]:
