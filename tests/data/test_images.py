@@ -658,6 +658,35 @@ def test_extreme_aspect_ratios_and_single_pixel_keep_each_side_at_least_one(
     assert (canvas[:, got[0] :, :] == 0).all() and (canvas[:, :, got[1] :] == 0).all()
 
 
+@pytest.mark.parametrize(
+    ("source_size", "canvas"),
+    [((451, 300), 192), ((451, 300), 64), ((4000, 2660), 96), ((60, 40), 192)],
+    ids=["shrink-2x", "shrink-7x", "shrink-42x", "enlarge-3x"],
+)
+@pytest.mark.parametrize("torch_resize", [True, False], ids=["torch", "pillow"])
+def test_canvas_matches_pillows_own_resize(
+    tmp_path, monkeypatch, source_size, canvas, torch_resize
+):
+    # Rule: the canvas is Pillow's resize (antialiased bilinear down, bicubic up) to within
+    # rounding, whichever library resizes on this CPU; shrinks of 3x or more first average
+    # whole blocks, which moves edges a little.
+    monkeypatch.setattr(images, "_VECTORISED_UINT8_RESIZE", torch_resize)
+    monkeypatch.setattr(images, "_TORCH_RESIZE_MIN_SIDE", 1)
+    photo = Image.fromarray(skdata.chelsea()).resize(source_size, Image.Resampling.LANCZOS)
+    path = _save(photo, tmp_path / "chelsea.png")
+    pixels, (height, width) = load_canvas(path, canvas)
+    shrinking = max(source_size) > canvas
+    method = Image.Resampling.BILINEAR if shrinking else Image.Resampling.BICUBIC
+    expected = np.asarray(photo.resize((width, height), method)).astype(int)
+    got = pixels[:, :height, :width].transpose(1, 2, 0).astype(int)
+    difference = np.abs(got - expected)
+    if max(source_size) < 3 * canvas:
+        assert difference.max() <= 2
+    else:
+        assert difference.mean() < 1.5
+    assert (pixels[:, height:, :] == 0).all() and (pixels[:, :, width:] == 0).all()
+
+
 def test_jpeg_draft_speeds_up_without_changing_the_result(tmp_path):
     # Rule: reduced-scale JPEG decoding keeps the longer side >= size and the canvas close to
     # a full decode.
