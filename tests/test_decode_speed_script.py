@@ -37,12 +37,14 @@ def test_decode_speed_times_both_ways_on_both_sets(
     record = decode_bench.main(
         [
             "--photos", "12", "--digits", "20", "--workers", "0", "--repeats", "1",
+            "--photo-canvases", "192", "96",
             "--embed", "--work-dir", str(tmp_path / "work"), "--out", str(out),
         ]
     )  # fmt: skip
     assert images._VECTORISED_UINT8_RESIZE is default  # each way is undone after use
     assert json.loads(out.read_text()) == json.loads(json.dumps(record))
-    for name, canvas in (("photos", 192), ("digits", 64)):
+    assert sorted(record["sets"]) == ["digits-64", "photos-192", "photos-96"]
+    for name, canvas in (("photos-192", 192), ("photos-96", 96), ("digits-64", 64)):
         timings = record["sets"][name]
         assert timings["canvas"] == canvas and timings["images"] >= 12
         for way in ("torch", "pillow"):
@@ -52,5 +54,5 @@ def test_decode_speed_times_both_ways_on_both_sets(
         assert 0 <= timings["difference"]["max_levels"] <= 3
     assert all(rate[0] > 0 for rate in record["embed_images_per_s"].values())
     table = capsys.readouterr().out
-    assert "| photos (192 px canvas) |" in table and "| digits (64 px canvas) |" in table
+    assert "| photos-192 (192 px canvas) |" in table and "| digits-64 (64 px canvas) |" in table
     assert "embed_folder on the photos (fp32)" in table
