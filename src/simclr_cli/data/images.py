@@ -394,12 +394,13 @@ def _resized_chw(img: Image.Image, new_size: tuple[int, int]) -> npt.NDArray[np.
     x86 CPUs with AVX2 the work goes to torch's vectorised uint8 resampling when the result
     is at least `_TORCH_RESIZE_MIN_SIDE` on its longer side; it lands within 1-2 levels of
     Pillow's pixels. Measured on a 2-core Zen 4 EPYC (benchmarks/decode_speed.py): photo
-    crops (longer side 190-380 px) into the 192 px canvas of 96 px training took 0.66 ms
-    per image, decoding included, against 0.95 with Pillow resizing. Below about 96 px
-    torch's fixed cost per call (some 40 us) outweighs its speed: 32 px digits into a 64 px
-    canvas took 0.16 ms against Pillow's 0.14. Elsewhere (ARM, including Apple silicon)
-    torch has only a generic kernel, 1.8x slower than Pillow on the same EPYC, so Pillow
-    keeps the job there.
+    crops (shorter side 128-320 px) took 0.60 ms per image, decoding included, into the
+    192 px canvas of 96 px training against 0.91 with Pillow resizing, and 1.00 against
+    2.64 into the 448 px canvas of 224 px training. Below about 96 px torch's fixed cost
+    per call (some 40 us) outweighs its speed: 32 px digits into a 64 px canvas took 0.16
+    ms against Pillow's 0.14. Elsewhere (ARM, including Apple silicon) torch has only a
+    generic kernel, which took 1.7-1.9x Pillow's time when forced on the same EPYC, so
+    Pillow keeps the job there (not measured on such CPUs).
     """
     width, height = img.size
     new_width, new_height = new_size
