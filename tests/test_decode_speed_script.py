@@ -56,3 +56,26 @@ def test_decode_speed_times_both_ways_on_both_sets(
     table = capsys.readouterr().out
     assert "| photos-192 (192 px canvas) |" in table and "| digits-64 (64 px canvas) |" in table
     assert "embed_folder on the photos (fp32)" in table
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--photos", "2"], "--photos 6"),
+        (["--digits", "5000"], "--digits: at most 4000"),
+        (["--photo-canvases", "192", "0"], "--photo-canvases: each side must be at least 1 px"),
+    ],
+)
+def test_bad_arguments_are_one_usage_line_before_any_work(
+    decode_bench: ModuleType,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    arguments: list[str],
+    message: str,
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        decode_bench.main([*arguments, "--work-dir", str(tmp_path / "work")])
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()  # nothing was prepared

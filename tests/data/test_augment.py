@@ -114,6 +114,34 @@ def test_crop_box_selects_the_region_it_names() -> None:
     assert torch.allclose(crop, images[:, :, :16, 16:], atol=1e-5)
 
 
+def test_enlarged_crop_at_the_image_edge_never_mixes_in_the_padding() -> None:
+    # A 2 px wide white image in a 192 px canvas, enlarged to 96 px: every output pixel is
+    # white. Sampling past the box's last pixel centre used to blend in the zero padding
+    # (the last ~25 columns faded to half grey).
+    canvas = torch.zeros(1, 3, 192, 192)
+    canvas[0, :, :, :2] = 1.0
+    boxes = torch.tensor([[0.0, 0.0, 2.0, 192.0]])
+    for flip in (False, True):
+        crop = crop_and_flip(canvas, boxes, torch.tensor([flip]), size=96)
+        assert torch.allclose(crop, torch.ones_like(crop), atol=1e-6)
+
+
+def test_enlarged_crop_equals_cutting_the_box_out_then_resizing() -> None:
+    # An enlarged crop inside a photo repeats the box's own edge pixels, as torchvision's
+    # crop followed by a bilinear resize does, rather than reading the pixels beyond it.
+    canvases, _ = _photo_batch(64)
+    images = canvases.float() / 255
+    top, left, height, width = 10, 20, 12, 16
+    boxes = torch.tensor([[float(left), float(top), float(width), float(height)]] * 2)
+    ours = crop_and_flip(images, boxes, torch.tensor([False, True]), size=40)
+    cut = images[:, :, top : top + height, left : left + width]
+    theirs = torch.nn.functional.interpolate(
+        cut, size=(40, 40), mode="bilinear", align_corners=False, antialias=False
+    )
+    assert torch.allclose(ours[0], theirs[0], atol=1e-5)
+    assert torch.allclose(ours[1], theirs[1].flip(-1), atol=1e-5)
+
+
 def test_center_view_of_a_wide_image_takes_its_middle_square() -> None:
     # Evaluation view: shorter side to size, centre square; padding is never sampled.
     canvas = torch.zeros(1, 3, 8, 8)

@@ -8,7 +8,8 @@ and the pixel work then runs where the batch lives (CPU, CUDA or MPS).
 
 Inputs are uint8 canvases: each image decoded once, fitted inside a square of side
 `decode_size(config)` and zero padded, with its valid (height, width) alongside. Crop and
-flip are one `grid_sample` per batch (per chunk on the CPU) that never reads the padding.
+flip are one `grid_sample` per batch (per chunk on the CPU) whose samples stay inside each
+crop box, so the padding is never read.
 
 Speed on the CPU, where these steps share cores with the model:
 - Canvases are converted to float a chunk at a time, and both views crop from the same chunk.
@@ -199,8 +200,8 @@ def crop_and_flip(
     # is built from two (B, S) vectors (affine_grid's general matrix product is slower).
     u = (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1  # (S,)
     sign = 1.0 - 2.0 * flip.to(device, torch.float32)
-    grid_x = (w * sign)[:, None] * u + (2 * x0 + w - 1)[:, None]  # (B, S)
-    grid_y = h[:, None] * u + (2 * y0 + h - 1)[:, None]  # (B, S)
+    grid_x = _inside_box((w * sign)[:, None] * u + (2 * x0 + w - 1)[:, None], x0, w, canvas)
+    grid_y = _inside_box(h[:, None] * u + (2 * y0 + h - 1)[:, None], y0, h, canvas)
     shape = (batch, size, size)
     grid = torch.stack([grid_x[:, None, :].expand(shape), grid_y[:, :, None].expand(shape)], dim=3)
     return F.grid_sample(  # grid: (B, S, S, 2), (x, y) per output pixel
@@ -210,6 +211,22 @@ def crop_and_flip(
         padding_mode="border",
         align_corners=False,
     )
+
+
+def _inside_box(
+    coords: torch.Tensor, start: torch.Tensor, length: torch.Tensor, canvas: int
+) -> torch.Tensor:
+    """Sample positions (B, S), normalised, clamped to the box's first and last pixel centres.
+
+    An enlarged crop's outermost samples fall less than half a pixel outside the box, where
+    bilinear sampling would mix in the next pixel: the zero padding, for a box at the edge
+    of an image (a 2 px wide image enlarged to 96 px lost a quarter of its width to a dark
+    band). Clamping repeats the box's edge pixels instead, as cutting the box out and then
+    resizing it does in torchvision. Shrunk crops never sample that far out and are unchanged.
+    """
+    centre = 2 * start + length - 1  # (B,), normalised
+    reach = (length - 1 / canvas).clamp(min=0)  # centre to the outermost pixel centre
+    return coords.clamp(min=(centre - reach)[:, None], max=(centre + reach)[:, None])
 
 
 def _luma(images: torch.Tensor) -> torch.Tensor:

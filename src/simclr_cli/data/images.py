@@ -381,52 +381,55 @@ def load_canvas(
     return canvas, (new_height, new_width)
 
 
-# A shrink by this factor or more first averages whole blocks of pixels (Pillow's `reduce`),
-# so the filtered resize that follows reads at most about this many source pixels per output
-# pixel along each side; a 4000 px PNG, which has no reduced-scale decoding, stays cheap.
+# Pillow's `reducing_gap`: a shrink by twice this factor or more first averages whole blocks
+# of pixels (`Image.reduce`), then resamples what is left, so a 4000 px PNG, which has no
+# reduced-scale decoding, stays cheap. Its result then differs from the exact filter by up
+# to 5-9 levels, since partial blocks at the edges are weighted as whole ones.
 _BLOCK_REDUCE_GAP = 3.0
 
 
 def _resized_chw(img: Image.Image, new_size: tuple[int, int]) -> npt.NDArray[np.uint8]:
     """`img` (8-bit RGB) resized to `new_size` (width, height) as a (3, height, width) array.
 
-    Shrinking is antialiased bilinear, enlarging bicubic, as Pillow's `resize` does them. On
-    x86 CPUs with AVX2 the work goes to torch's vectorised uint8 resampling when the result
-    is at least `_TORCH_RESIZE_MIN_SIDE` on its longer side; it lands within 1-2 levels of
-    Pillow's pixels. Measured on a 2-core Zen 4 EPYC (benchmarks/decode_speed.py): photo
-    crops (shorter side 128-320 px) took 0.60 ms per image, decoding included, into the
-    192 px canvas of 96 px training against 0.91 with Pillow resizing, and 1.00 against
-    2.64 into the 448 px canvas of 224 px training. Below about 96 px torch's fixed cost
-    per call (some 40 us) outweighs its speed: 32 px digits into a 64 px canvas took 0.16
-    ms against Pillow's 0.14. Elsewhere (ARM, including Apple silicon) torch has only a
-    generic kernel, which took 1.7-1.9x Pillow's time when forced on the same EPYC, so
-    Pillow keeps the job there (not measured on such CPUs).
+    Shrinking is antialiased bilinear, enlarging bicubic, as Pillow's `resize` does them.
+    On x86 CPUs with AVX2, torch's vectorised uint8 resampling does the work when the
+    result is at least `_TORCH_RESIZE_MIN_SIDE` on its longer side and the shrink is less
+    than 6x (where Pillow computes the exact filter too); the two land within 2 levels.
+    Measured on a 2-core Zen 4 EPYC (benchmarks/decode_speed.py): photo crops (shorter side
+    128-320 px) took 0.62 ms per image, decoding included, into the 192 px canvas of 96 px
+    training against 0.93 with Pillow resizing, and 0.97 against 2.62 into the 448 px canvas
+    of 224 px training. Below about 96 px torch's fixed cost per call (some 40 us) outweighs
+    its speed: 32 px digits into a 64 px canvas took 0.16 ms against Pillow's 0.14. Larger
+    shrinks (big PNGs; big JPEGs are decoded at a reduced scale first) stay with Pillow's
+    block-averaging shortcut, which is faster there than handing torch every pixel.
+    Elsewhere (ARM, including Apple silicon) torch has only a generic kernel, which took
+    1.7-1.9x Pillow's time when forced on the same EPYC, so Pillow keeps the job there (not
+    measured on such CPUs).
     """
     width, height = img.size
     new_width, new_height = new_size
     if (width, height) == new_size:
         return np.asarray(img).transpose(2, 0, 1)
     shrinking = max(width, height) > max(new_size)
-    if not (_VECTORISED_UINT8_RESIZE and max(new_size) >= _TORCH_RESIZE_MIN_SIDE):
+    by_torch = (
+        _VECTORISED_UINT8_RESIZE
+        and max(new_size) >= _TORCH_RESIZE_MIN_SIDE
+        and max(width, height) < 2 * _BLOCK_REDUCE_GAP * max(new_size)
+    )
+    if not by_torch:
         if shrinking:
-            # reducing_gap lets Pillow shrink by whole factors first: near-identical output,
-            # several times faster on large photos.
             img = img.resize(new_size, Image.Resampling.BILINEAR, reducing_gap=_BLOCK_REDUCE_GAP)
         else:
             img = img.resize(new_size, Image.Resampling.BICUBIC)
         return np.asarray(img).transpose(2, 0, 1)
-    if shrinking:
-        block = (
-            max(1, int(width / new_width / _BLOCK_REDUCE_GAP)),
-            max(1, int(height / new_height / _BLOCK_REDUCE_GAP)),
-        )
-        if block != (1, 1):
-            img = img.reduce(block)
+    with warnings.catch_warnings():
+        # Pillow's pixels are read-only; torch warns about that, but only reads them here.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        pixels = torch.from_numpy(np.asarray(img))
     # (1, 3, H, W) viewing the (H, W, 3) pixels: the channels-last layout for which torch
-    # has vectorised uint8 kernels. np.array copies, since torch wants a writable buffer.
-    pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1).unsqueeze(0)
+    # has vectorised uint8 kernels.
     resized = torch.nn.functional.interpolate(
-        pixels,
+        pixels.permute(2, 0, 1).unsqueeze(0),
         size=(new_height, new_width),
         mode="bilinear" if shrinking else "bicubic",
         antialias=True,
