@@ -170,6 +170,22 @@ def test_colour_adjustments_match_torchvision_per_image(name, reference, factor)
     assert torch.allclose(ours, theirs, atol=2e-3)
 
 
+def test_hue_matches_torchvision_over_the_whole_shift_range() -> None:
+    # Shifts up to half the circle (jitter strength 2.5) take the hue past both ends of its
+    # range, where it must wrap; grey pixels, primaries, ties between the two largest
+    # channels and a real photo each turn as torchvision turns them.
+    canvases, _ = _photo_batch(32)
+    photo = canvases[:1].float() / 255
+    levels = torch.linspace(0, 1, 5)
+    grid = torch.cartesian_prod(levels, levels, levels).T.reshape(1, 3, 5, 25)  # every mix
+    tiles = torch.cat([photo[..., :32, :32], torch.nn.functional.pad(grid, (0, 7, 0, 27))])
+    shifts = torch.tensor([-0.5, -0.37, -0.2, -0.01, 0.0, 0.08, 0.26, 0.41, 0.5])
+    for shift in shifts.tolist():
+        ours = augment._adjust_hue(tiles.clone(), torch.full((2,), shift))
+        theirs = torch.stack([TF.adjust_hue(image, shift) for image in tiles])
+        assert torch.allclose(ours, theirs, atol=2e-3), shift
+
+
 def test_blur_kernel_is_about_a_tenth_of_the_side() -> None:
     # 23 px at 224 px, as the paper says; always odd.
     assert blur_kernel_size(224) == 23
