@@ -78,23 +78,33 @@ def _encoder_rate(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the comparison; print a table and return (and optionally write) the record."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=3000,
+        help="photo crops to make (rounded down to whole crops per source photo)",
+    )
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=1, help="decoding workers, both sides")
     parser.add_argument("--precision", action="append", choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per pipeline")
     parser.add_argument("--model", type=Path, help="default: a random ResNet-18")
-    parser.add_argument("--work-dir", type=Path)
+    parser.add_argument(
+        "--work-dir", type=Path, help="kept; photos already in it are reused (--images ignored)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     freed_memory_kept = keep_freed_memory()
     precisions = args.precision or ["fp32", "bf16"]
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="embed-bench-"))
     train_dir = work / "photos" / "train"
-    if not train_dir.is_dir():
+    reused = train_dir.is_dir()
+    if not reused:
         prepare_photos(work / "photos", images=args.images, eval_images=0)
     count = count_images(train_dir)
+    if reused:
+        print(f"reusing the {count} photos already in {train_dir} (--images is ignored)")
     model_path = args.model or _exported_random_model(work / "model", args.image_size)
     model = load_model(model_path)
     cpu = torch.device("cpu")

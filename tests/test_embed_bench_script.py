@@ -53,3 +53,22 @@ def test_embed_comparison_records_both_pipelines_and_the_bound(
     )
     assert record["freed_memory_kept"] is False
     assert "| fp32 |" in capsys.readouterr().out
+
+
+def test_a_reused_work_dir_keeps_its_photos_and_says_so(
+    embed_bench: ModuleType,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A second run in the same folder times the same files, whatever --images says now.
+    monkeypatch.setattr(embed_bench, "keep_freed_memory", lambda: False)
+    common = [
+        "--image-size", "32", "--batch-size", "8", "--workers", "0", "--precision", "fp32",
+        "--repeats", "1", "--work-dir", str(tmp_path / "work"),
+    ]  # fmt: skip
+    first = embed_bench.main(["--images", "12", *common])
+    assert "reusing" not in capsys.readouterr().out
+    second = embed_bench.main(["--images", "40", *common])
+    assert second["images"] == first["images"]
+    assert f"reusing the {first['images']} photos already in" in capsys.readouterr().out
