@@ -186,6 +186,19 @@ def test_hue_matches_torchvision_over_the_whole_shift_range() -> None:
         assert torch.allclose(ours, theirs, atol=2e-3), shift
 
 
+def test_hue_of_channels_a_subnormal_apart_is_finite() -> None:
+    # Channels that differ by less than the smallest normal float once made the hue's
+    # reciprocal infinite and the pixel NaN; torchvision leaves such a pixel as it is.
+    images = torch.tensor([1e-40, 0.0, 0.0, 0.5, 0.5 + 1e-40, 0.5]).reshape(2, 3, 1, 1)
+    shifts = (0.3, -0.3)
+    ours = augment._adjust_hue(images.clone(), torch.tensor(shifts))
+    theirs = torch.stack(
+        [TF.adjust_hue(image, shift) for image, shift in zip(images, shifts, strict=True)]
+    )
+    assert torch.isfinite(ours).all()
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
 def test_blur_kernel_is_about_a_tenth_of_the_side() -> None:
     # 23 px at 224 px, as the paper says; always odd.
     assert blur_kernel_size(224) == 23
