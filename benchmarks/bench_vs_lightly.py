@@ -215,6 +215,8 @@ def prepare_photos(
     disk pays for real JPEG decoding and resizing.
     """
     for split, count, seed in (("train", images, 1234), ("test", eval_images, 5678)):
+        if count <= 0:
+            continue
         rng = np.random.default_rng(seed)
         per_class = max(1, count // len(names))
         for name in names:
@@ -1119,6 +1121,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("images", "eval_images", "epochs", "batch_size"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
+    if args.eval_images < 1:
+        parser.error("--eval-images must be at least 1: the accuracies need labelled images")
     if args.batch_size < 2 or args.batch_size > args.images:
         parser.error("--batch-size must be between 2 and --images")
     if args.precision is None:  # each tool as it ships

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vs_lightly import (  # noqa: E402
+    PHOTO_NAMES,
     count_images,
     matmul_gflops,
     model_flops,
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--images",
         type=int,
         default=3000,
-        help="photo crops to make (rounded down to whole crops per source photo)",
+        help=f"photo crops to make: at least {len(PHOTO_NAMES)}, one per source photo; rounded "
+        "down to whole crops per source photo",
     )
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -91,17 +93,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per pipeline")
     parser.add_argument("--model", type=Path, help="default: a random ResNet-18")
     parser.add_argument(
-        "--work-dir", type=Path, help="kept; photos already in it are reused (--images ignored)"
+        "--work-dir",
+        type=Path,
+        help="kept; a complete set of photos already in it is reused (--images ignored)",
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.images < len(PHOTO_NAMES):
+        parser.error(f"--images must be at least {len(PHOTO_NAMES)}: one crop per source photo")
     freed_memory_kept = keep_freed_memory()
     precisions = args.precision or ["fp32", "bf16"]
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="embed-bench-"))
     train_dir = work / "photos" / "train"
-    reused = train_dir.is_dir()
+    # Written once every crop is saved: a folder without it is what an interrupted first run
+    # leaves, and would be timed at a partial count.
+    complete = work / "photos" / ".complete"
+    reused = complete.is_file()
     if not reused:
+        if (work / "photos").exists():
+            sys.exit(
+                f"{work / 'photos'} exists but is not a complete set made by this script "
+                "(a first run stopped early?): remove it or choose another --work-dir"
+            )
         prepare_photos(work / "photos", images=args.images, eval_images=0)
+        complete.touch()
     count = count_images(train_dir)
     if reused:
         print(f"reusing the {count} photos already in {train_dir} (--images is ignored)")

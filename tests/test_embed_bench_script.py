@@ -72,3 +72,25 @@ def test_a_reused_work_dir_keeps_its_photos_and_says_so(
     second = embed_bench.main(["--images", "40", *common])
     assert second["images"] == first["images"]
     assert f"reusing the {first['images']} photos already in" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("images", ["-5", "0", "11"])
+def test_fewer_images_than_source_photos_is_a_usage_error(
+    embed_bench: ModuleType, images: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Below one crop per source photo the set would silently round up to 12.
+    with pytest.raises(SystemExit) as stop:
+        embed_bench.main(["--images", images])
+    assert stop.value.code == 2
+    assert "--images must be at least 12" in capsys.readouterr().err
+
+
+def test_an_unfinished_photo_folder_is_not_timed(
+    embed_bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a first run stopped while saving crops leaves: photos but no completion mark.
+    monkeypatch.setattr(embed_bench, "keep_freed_memory", lambda: False)
+    (tmp_path / "work" / "photos" / "train" / "coffee").mkdir(parents=True)
+    with pytest.raises(SystemExit) as stop:
+        embed_bench.main(["--images", "12", "--work-dir", str(tmp_path / "work")])
+    assert "is not a complete set made by this script" in str(stop.value.code)
