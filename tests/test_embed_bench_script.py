@@ -17,18 +17,22 @@ pytest.importorskip("skimage")
 
 
 @pytest.fixture(scope="module")
-def embed_bench(load_benchmark: Callable[[str], ModuleType]) -> ModuleType:
+def loaded_bench(load_benchmark: Callable[[str], ModuleType]) -> ModuleType:
     return load_benchmark("embed_vs_plain")
+
+
+@pytest.fixture
+def embed_bench(loaded_bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    # The script changes malloc for its whole process; not for the test process.
+    monkeypatch.setattr(loaded_bench, "keep_freed_memory", lambda: False)
+    return loaded_bench
 
 
 def test_embed_comparison_records_both_pipelines_and_the_bound(
     embed_bench: ModuleType,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The script changes malloc for its whole process; not for the test process.
-    monkeypatch.setattr(embed_bench, "keep_freed_memory", lambda: False)
     out = tmp_path / "record.json"
     # fp32 only: a CPU without bf16 instructions emulates bf16 products very slowly.
     record = embed_bench.main(
@@ -59,10 +63,8 @@ def test_a_reused_work_dir_keeps_its_photos_and_says_so(
     embed_bench: ModuleType,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A second run in the same folder times the same files, whatever --images says now.
-    monkeypatch.setattr(embed_bench, "keep_freed_memory", lambda: False)
     common = [
         "--image-size", "32", "--batch-size", "8", "--workers", "0", "--precision", "fp32",
         "--repeats", "1", "--work-dir", str(tmp_path / "work"),
@@ -85,11 +87,8 @@ def test_fewer_images_than_source_photos_is_a_usage_error(
     assert "--images must be at least 12" in capsys.readouterr().err
 
 
-def test_an_unfinished_photo_folder_is_not_timed(
-    embed_bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_unfinished_photo_folder_is_not_timed(embed_bench: ModuleType, tmp_path: Path) -> None:
     # What a first run stopped while saving crops leaves: photos but no completion mark.
-    monkeypatch.setattr(embed_bench, "keep_freed_memory", lambda: False)
     (tmp_path / "work" / "photos" / "train" / "coffee").mkdir(parents=True)
     with pytest.raises(SystemExit) as stop:
         embed_bench.main(["--images", "12", "--work-dir", str(tmp_path / "work")])
